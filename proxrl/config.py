@@ -1,0 +1,175 @@
+"""Typed dataclass configs <-> command line and YAML, with one-line errors.
+
+Every config is a ``@dataclass`` whose fields are declared with :func:`opt`, which carries the help text
+shown by ``--help``. The CLI builds an ``argparse`` parser from the fields (``--learning-rate 3e-4``),
+a YAML file given with ``--config`` supplies values first, and explicit flags override it.
+Configs are never mutated after construction: derived quantities live in separate objects.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from proxrl.errors import UserError
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a default and the help text ``--help`` prints for it."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(underlying type, optional?) for ``X``, ``X | None`` and ``Optional[X]``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _converter(tp: Any, optional: bool):
+    if typing.get_origin(tp) is typing.Literal:
+        choices = typing.get_args(tp)
+
+        def conv(text: str):
+            if optional and text.lower() in ("none", "null"):
+                return None
+            if text not in choices:
+                raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, choices))}, got {text!r}")
+            return text
+
+        return conv
+    base = {bool: _parse_bool, int: int, float: float, str: str}.get(tp, str)
+
+    def conv(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        try:
+            return base(text)
+        except ValueError as e:  # int("abc") etc.
+            raise argparse.ArgumentTypeError(f"expected {getattr(tp, '__name__', tp)}, got {text!r}") from e
+
+    return conv
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--flag`` per field of ``cls`` with its help text, type and default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        tp, optional = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f.metadata.get("help", "")
+        if typing.get_origin(tp) is typing.Literal:
+            help_text += f" Choices: {', '.join(map(str, typing.get_args(tp)))}."
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=_converter(tp, optional),
+            default=argparse.SUPPRESS,
+            metavar=f.metadata.get("metavar", getattr(tp, "__name__", "VALUE").upper() if tp is not typing.Any else "VALUE"),
+            help=f"{help_text} (default: {default})",
+        )
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; one-line errors for a missing or malformed file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise UserError(f"config file {str(p)!r} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(p)!r} must hold a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
+    """Build ``cls`` from a mapping; unknown keys and badly typed values are one-line errors.
+
+    Keys may use dashes or underscores (``learning-rate`` or ``learning_rate``).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"unknown key {key!r} in {source}{hint}")
+        tp, optional = _base_type(hints[name])
+        if value is None and optional:
+            kwargs[name] = None
+            continue
+        try:
+            if typing.get_origin(tp) is typing.Literal:
+                if value not in typing.get_args(tp):
+                    raise ValueError
+            elif tp is bool:
+                value = value if isinstance(value, bool) else _parse_bool(str(value))
+            elif tp is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = int(value)
+            elif tp is float:
+                value = float(value)
+            elif tp is str:
+                value = str(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            raise UserError(f"{source}: {key!r} = {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a plain mapping (for YAML and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def build(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
+    """Config from ``base`` (e.g. a preset), then ``--config FILE``, then explicit flags."""
+    values: dict[str, Any] = dict(base or {})
+    cfg_file = getattr(args, "config", None)
+    if cfg_file:
+        values.update({str(k).replace("-", "_"): v for k, v in load_yaml(cfg_file).items()})
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return from_dict(cls, values, source=str(cfg_file) if cfg_file else "config")
+
+
+def check(cond: bool, message: str) -> None:
+    """Raise a :class:`UserError` with ``message`` unless ``cond`` holds (for ``__post_init__`` validation)."""
+    if not cond:
+        raise UserError(message)
