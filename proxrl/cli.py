@@ -1,0 +1,244 @@
+"""The `proxrl` command line. It only wires: every option is a field of a typed config dataclass.
+
+    proxrl train ENV_ID [--option value ...]   PPO on a Gymnasium environment (preset hyperparameters if known)
+    proxrl eval RUN_DIR                        deterministic evaluation of a control run's last checkpoint
+    proxrl plot RUN_DIR                        (re)draw a run's PNG plots
+    proxrl sft ...                             supervised fine-tuning of a causal LM
+    proxrl reward-model ...                    pairwise (Bradley-Terry) reward-model training
+    proxrl ppo ...                             PPO fine-tuning of a causal LM (RLHF)
+    proxrl generate MODEL_DIR --prompt ...     sample from any saved causal LM
+    proxrl demo                                the offline RLHF pipeline (SFT -> reward model -> PPO) end to end
+
+Bad input ends with one line `error: ...` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere
+
+from proxrl import config as C  # noqa: E402
+from proxrl.errors import UserError  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one line and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _fmt(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=36, width=110)
+
+
+# ----------------------------------------------------------------------------------------- control front-end
+def _train(args: argparse.Namespace) -> None:
+    from proxrl.control import ControlConfig, PRESETS, train
+    from proxrl.runs import RunDir
+
+    if args.resume:
+        run = RunDir(args.resume)
+        saved = run.read_config()
+        overrides = {k: v for k, v in vars(args).items() if k in {"total_steps"}}
+        cfg = C.from_dict(ControlConfig, {**saved, **overrides}, source=str(run.config_path))
+        train(cfg, run.path, resume=True, progress=not args.no_progress)
+        return
+    if not args.env_id:
+        raise UserError("missing ENV_ID: give a Gymnasium environment id, e.g. `proxrl train CartPole-v1`")
+    base = dict(PRESETS.get(args.env_id, {})) if not args.no_preset else {}
+    base["env_id"] = args.env_id
+    cfg = C.build(ControlConfig, args, base=base)
+    run_dir = args.run_dir or f"runs/{args.env_id}_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    result = train(cfg, run_dir, resume=False, progress=not args.no_progress)
+    print(f"run directory: {run_dir}")
+    if isinstance(result, dict) and result:
+        print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from proxrl.control import evaluate_run
+
+    r = evaluate_run(args.run_dir, episodes=args.episodes, seed=args.seed)
+    print(f"eval {args.run_dir}: mean return {r['mean_return']:.2f} +- {r['std_return']:.2f} over {args.episodes} episodes")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise UserError(f"run directory {str(run)!r} does not exist")
+    if (run / "ppo_state").exists() or (run / "policy").is_dir() and not (run / "checkpoints").exists():
+        from proxrl.lm.plots import plot_run as lm_plot
+
+        paths = lm_plot(run)
+    else:
+        try:
+            from proxrl.control import plot_run
+        except ImportError:  # LM-only install
+            from proxrl.lm.plots import plot_run
+        paths = plot_run(run)
+    for p in paths:
+        print(p)
+
+
+# ----------------------------------------------------------------------------------------- LM front-end
+def _sft(args: argparse.Namespace) -> None:
+    from proxrl.lm.sft import SFTConfig, train_sft
+
+    train_sft(C.build(SFTConfig, args))
+
+
+def _reward_model(args: argparse.Namespace) -> None:
+    from proxrl.lm.reward_model import RewardModelConfig, train_reward_model
+
+    train_reward_model(C.build(RewardModelConfig, args))
+
+
+def _ppo(args: argparse.Namespace) -> None:
+    from proxrl.lm.ppo import train_ppo
+    from proxrl.lm.ppo_config import PPOConfig
+
+    if args.resume:
+        from proxrl.runs import RunDir
+
+        run = RunDir(args.resume)
+        cfg = C.from_dict(PPOConfig, run.read_config(), source=str(run.config_path))
+        train_ppo(cfg, resume=True)
+        return
+    train_ppo(C.build(PPOConfig, args))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from proxrl.lm.generation import generate
+    from proxrl.lm.models import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer(args.model_dir)
+    model = load_causal_lm(args.model_dir, trust_remote_code=args.trust_remote_code).eval()
+    prompts = args.prompt or [""]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    if enc["input_ids"].shape[1] == 0:
+        raise UserError("empty prompt: give --prompt TEXT")
+    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and enc["input_ids"].shape[1] + args.max_new_tokens > ctx:
+        raise UserError(
+            f"prompt of {enc['input_ids'].shape[1]} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
+            f"model's context of {ctx} tokens; shorten the prompt or lower --max-new-tokens"
+        )
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=tok.eos_token_id, generator=gen, tokenizer=tok)
+    resp = out.sequences[:, out.prompt_len:]
+    for p, ids, m in zip(prompts, resp, out.response_mask):
+        text = tok.decode(ids[m.bool()], skip_special_tokens=True)
+        print(f"{p}\u2502{text}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from proxrl.lm.pipeline import DemoConfig, run_demo_config
+
+    run_demo_config(C.build(DemoConfig, args))
+
+
+# ----------------------------------------------------------------------------------------- parser
+def _add_config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="YAML file of option: value pairs (same names as the flags); flags given override it")
+
+
+def _lazy_cls(module: str, name: str) -> type | None:
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="proxrl", description=__doc__, formatter_class=_fmt)
+    parser.add_argument("--version", action="version", version=f"proxrl {__import__('proxrl').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, fn: Callable, help: str, cfg: tuple[str, str] | None = None, config_flag: bool = True):
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_fmt)
+        p.set_defaults(func=fn)
+        if config_flag:
+            _add_config_flag(p)
+        if cfg is not None:
+            cls = _lazy_cls(*cfg)
+            if cls is not None:
+                C.add_dataclass_args(p.add_argument_group("options"), cls)
+        return p
+
+    needs = list(sys.argv[1:] if argv is None else argv)[:1]  # only build the subcommand asked for (importing torch for `--help` of others is slow)
+    want = lambda n: not needs or needs[0] in (n, "-h", "--help") or needs[0].startswith("-")  # noqa: E731
+
+    p = add("train", _train, "Train PPO on a Gymnasium environment (preset hyperparameters for known ids).",
+            ("proxrl.control.config", "ControlConfig") if want("train") else None)
+    p.add_argument("env_id", nargs="?", metavar="ENV_ID", help="Gymnasium environment id, e.g. CartPole-v1")
+    p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/ENV_seedS_TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue RUN_DIR from its last checkpoint (exactly as if never interrupted)")
+    p.add_argument("--no-preset", action="store_true", help="ignore the tuned preset for ENV_ID; use plain defaults")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = add("eval", _eval, "Deterministic evaluation of a control run's last checkpoint.", config_flag=False)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--episodes", type=int, default=10, help="episodes to average (default: 10)")
+    p.add_argument("--seed", type=int, default=12345, help="seed of the evaluation env (default: 12345)")
+
+    p = add("plot", _plot, "Draw a run's PNG plots into RUN_DIR/plots.", config_flag=False)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+
+    add("sft", _sft, "Supervised fine-tuning of a causal LM on text or prompt/completion JSONL.",
+        ("proxrl.lm.sft", "SFTConfig") if want("sft") else None)
+    add("reward-model", _reward_model, "Train a pairwise (Bradley-Terry) reward model on chosen/rejected JSONL.",
+        ("proxrl.lm.reward_model", "RewardModelConfig") if want("reward-model") else None)
+    p = add("ppo", _ppo, "PPO fine-tuning of a causal LM against a reward model or reward function (RLHF).",
+            ("proxrl.lm.ppo_config", "PPOConfig") if want("ppo") else None)
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue RUN_DIR from its last checkpoint")
+
+    p = add("generate", _generate, "Sample completions from a saved causal LM directory.", config_flag=False)
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to sample per prompt (default: 48)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the directory (off by default)")
+
+    add("demo", _demo, "Run the offline RLHF pipeline end to end (SFT -> reward model -> PPO) and show the improvement.",
+        ("proxrl.lm.pipeline", "DemoConfig") if want("demo") else None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
