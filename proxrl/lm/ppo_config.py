@@ -1,0 +1,172 @@
+"""PPOConfig: every option of PPO fine-tuning of a causal LM (RLHF), validated on construction.
+
+Defaults follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") /
+Ouyang et al. 2022 (InstructGPT) where those papers give a value, else TRL's PPOTrainer; each help text
+says where its default comes from. Derived sizes live in :class:`PPOSizes` (never written back).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from proxrl.config import check, opt
+
+
+@dataclass
+class PPOConfig:
+    """Options of :func:`proxrl.lm.ppo.train_ppo` (one ``proxrl ppo --flag`` each)."""
+
+    # ---- models and data
+    policy: str = opt("", "directory of the causal LM to fine-tune (HF format, e.g. an SFT run's output); also the frozen reference")
+    reward_model: str | None = opt(None, "directory of a scalar reward model (proxrl reward-model output); give this or --reward-fn")
+    reward_fn: str | None = opt(None, "reward function 'pkg.module:func' or 'path/file.py:func' called as func(prompts, completions) -> list of floats")
+    critic: str = opt("policy", "value model: a directory of a scalar (seq-cls) model, or 'policy' to initialise it from the policy's trunk (TRL/InstructGPT init from the RM; 'policy' needs no extra model)")
+    value_head_on_policy: bool = opt(False, "put the value head on the policy's trunk (shared weights, one forward for logits and values) instead of a separate critic")
+    prompts: str = opt("", "prompts: a JSONL file with a 'prompt' key per line, or a built-in task name (the Python API also takes a list of strings)")
+    max_prompt_length: int = opt(256, "prompts longer than this many tokens keep their last tokens")
+    run_dir: str = opt("runs/ppo", "directory of the run (config, metrics, checkpoints, plots, final policy/ and critic/)")
+    seed: int = opt(0, "random seed (sampling, prompt order, minibatch shuffling, model init of heads)")
+    # ---- sizes
+    total_updates: int = opt(100, "number of PPO updates (rollout + optimisation rounds)")
+    rollout_size: int = opt(16, "prompts per update (TRL's batch_size is per-device 64; small here for CPU)")
+    group_size: int = opt(1, "samples per prompt; GRPO/RLOO need >= 2 (GRPO paper: 64, TRL GRPO: 8)")
+    minibatch_size: int = opt(8, "sequences per optimizer step; must divide rollout_size * group_size")
+    grad_accum_steps: int = opt(1, "micro-batches each minibatch is split into (gradient accumulation); must divide minibatch_size")
+    epochs: int = opt(4, "optimisation epochs over each rollout (TRL num_ppo_epochs = 4)")
+    # ---- optimisation
+    learning_rate: float = opt(1e-5, "AdamW learning rate of the policy (InstructGPT ~9.65e-6, TRL 1.41e-5 / 3e-6)")
+    critic_learning_rate: float | None = opt(None, "learning rate of the critic / value head; None = same as --learning-rate")
+    lr_schedule: Literal["constant", "linear"] = opt("constant", "learning-rate schedule over updates ('linear' decays to 0 like TRL's default)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (TRL: 0)")
+    max_grad_norm: float | None = opt(1.0, "clip each model's gradient norm to this (TRL max_grad_norm = 1.0); None = no clipping")
+    target_kl: float | None = opt(None, "stop the update's remaining epochs once a minibatch's policy_kl (k3 of old||new) exceeds this; None = off")
+    # ---- PPO
+    gamma: float = opt(1.0, "discount over response tokens, in (0, 1] (Ziegler et al. 2019: 1)")
+    gae_lambda: float = opt(0.95, "GAE lambda over tokens, in [0, 1] (Ziegler et al. 2019 / TRL: 0.95)")
+    clip_coef: float = opt(0.2, "PPO ratio clip epsilon (Schulman et al. 2017 / Ziegler et al. 2019: 0.2)")
+    value_clip_coef: float | None = opt(0.2, "clip the value prediction to +-this around the rollout value (TRL cliprange_value = 0.2); None = unclipped")
+    value_coef: float = opt(0.1, "weight of the value loss (TRL vf_coef = 0.1)")
+    entropy_coef: float = opt(0.0, "weight of the entropy bonus (RLHF recipes: 0)")
+    advantage_estimator: Literal["gae", "grpo", "rloo"] = opt("gae", "'gae': PPO with a critic over tokens; 'grpo': group-normalised sequence scores (Shao et al. 2024), no critic; 'rloo': leave-one-out baseline (Ahmadian et al. 2024), no critic")
+    whiten_rewards: bool = opt(False, "scale per-token rewards by their masked std before GAE (TRL whiten_rewards, default False)")
+    normalize_advantages: bool = opt(True, "whiten advantages with masked mean/std over the rollout (gae, rloo; GRPO is already normalised per group)")
+    # ---- KL to the reference policy
+    kl_coef: float = opt(0.05, "KL penalty coefficient beta (TRL kl_coef = 0.05; GRPO paper beta = 0.04)")
+    kl_mode: Literal["reward", "loss"] | None = opt(None, "'reward': -beta*KL per token in the reward (Ziegler et al.); 'loss': beta*KL term in the loss (GRPO); None = 'loss' for grpo, else 'reward'")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = opt(None, "KL estimator (Schulman's k1/k2/k3); None = k1 in reward mode, k3 in loss mode")
+    adaptive_kl: bool = opt(False, "adapt beta towards --kl-target (Ziegler et al. 2019 adaptive controller)")
+    kl_target: float = opt(6.0, "target KL in nats per sequence for --adaptive-kl (Ziegler et al. 2019: 6)")
+    kl_horizon: int = opt(10000, "horizon of the adaptive KL controller in samples (Ziegler et al. 2019: 10000)")
+    # ---- reward shaping
+    reward_clip: float | None = opt(None, "clip scores to [-c, c] before use; None = off")
+    missing_eos_penalty: float | None = opt(None, "subtract this from the score of completions that did not end with EOS/stop string (TRL missing_eos_penalty); None = off")
+    length_penalty: float = opt(0.0, "subtract this times the response length (tokens) from the score")
+    # ---- sampling
+    max_new_tokens: int = opt(32, "maximum tokens sampled per completion (TRL response_length = 53)")
+    temperature: float = opt(0.7, "sampling temperature > 0; the policy's log-probs are taken at this temperature (TRL: 0.7)")
+    top_k: int = opt(0, "sample from the k most likely tokens; 0 = off (off for RL: it biases the log-probs)")
+    top_p: float = opt(1.0, "nucleus sampling mass; 1.0 = off (off for RL: it biases the log-probs)")
+    stop_strings: str = opt("", "comma-separated strings that end a completion (like EOS; '\\n' = newline); empty = none")
+    # ---- systems
+    bf16: bool = opt(False, "run forwards under torch.autocast(bfloat16) (weights and optimizer stay float32)")
+    lora_r: int = opt(0, "LoRA rank for the policy (0 = full fine-tuning); with LoRA the reference is the adapters-disabled base")
+    lora_alpha: int = opt(16, "LoRA alpha (peft default 8; 16 is common)")
+    lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps the ratio exactly 1 on the first minibatch)")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default")
+    sample_every: int = opt(10, "print (and append to run_dir/samples.md) a prompt/completion/reward table every N updates; 0 = never")
+    sample_rows: int = opt(4, "rows in each sample table")
+    checkpoint_every: int = opt(50, "save a checkpoint every N updates (and always at the end); 0 = only at the end")
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints")
+    trust_remote_code: bool = opt(False, "allow model code shipped in a model directory (off: only built-in architectures)")
+
+    def __post_init__(self) -> None:
+        check(self.total_updates >= 1, f"total_updates={self.total_updates} must be >= 1")
+        check(self.rollout_size >= 1, f"rollout_size={self.rollout_size} must be >= 1")
+        check(self.group_size >= 1, f"group_size={self.group_size} must be >= 1")
+        batch = self.rollout_size * self.group_size
+        check(self.minibatch_size >= 1, f"minibatch_size={self.minibatch_size} must be >= 1")
+        check(self.minibatch_size <= batch,
+              f"minibatch_size={self.minibatch_size} exceeds rollout_size*group_size={batch}; lower --minibatch-size")
+        check(batch % self.minibatch_size == 0,
+              f"minibatch_size={self.minibatch_size} does not divide rollout_size*group_size={batch}; pick a divisor")
+        check(self.grad_accum_steps >= 1 and self.minibatch_size % self.grad_accum_steps == 0,
+              f"grad_accum_steps={self.grad_accum_steps} must be >= 1 and divide minibatch_size={self.minibatch_size}")
+        check(self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
+        check(_pos(self.learning_rate), f"learning_rate={self.learning_rate} must be > 0")
+        check(self.critic_learning_rate is None or _pos(self.critic_learning_rate),
+              f"critic_learning_rate={self.critic_learning_rate} must be > 0 (or None)")
+        check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        check(self.max_grad_norm is None or _pos(self.max_grad_norm), f"max_grad_norm={self.max_grad_norm} must be > 0 (or None)")
+        check(self.target_kl is None or _pos(self.target_kl), f"target_kl={self.target_kl} must be > 0 (or None)")
+        check(0.0 < self.gamma <= 1.0, f"gamma={self.gamma} must be in (0, 1]")
+        check(0.0 <= self.gae_lambda <= 1.0, f"gae_lambda={self.gae_lambda} must be in [0, 1]")
+        check(_pos(self.clip_coef), f"clip_coef={self.clip_coef} must be > 0")
+        check(self.value_clip_coef is None or _pos(self.value_clip_coef),
+              f"value_clip_coef={self.value_clip_coef} must be > 0 (or None for no clipping)")
+        check(self.value_coef >= 0 and math.isfinite(self.value_coef), f"value_coef={self.value_coef} must be >= 0")
+        check(self.entropy_coef >= 0 and math.isfinite(self.entropy_coef), f"entropy_coef={self.entropy_coef} must be >= 0")
+        check(self.kl_coef >= 0 and math.isfinite(self.kl_coef), f"kl_coef={self.kl_coef} must be >= 0")
+        check(_pos(self.kl_target), f"kl_target={self.kl_target} must be > 0")
+        check(self.kl_horizon >= 1, f"kl_horizon={self.kl_horizon} must be >= 1")
+        if self.advantage_estimator in ("grpo", "rloo"):
+            check(self.group_size >= 2,
+                  f"advantage_estimator={self.advantage_estimator!r} needs group_size >= 2, got {self.group_size}; "
+                  "set --group-size (e.g. 4)")
+        check(self.reward_clip is None or _pos(self.reward_clip), f"reward_clip={self.reward_clip} must be > 0 (or None)")
+        check(self.missing_eos_penalty is None or math.isfinite(self.missing_eos_penalty),
+              f"missing_eos_penalty={self.missing_eos_penalty} must be a finite number (or None)")
+        check(math.isfinite(self.length_penalty), f"length_penalty={self.length_penalty} must be finite")
+        check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        check(self.max_prompt_length >= 1, f"max_prompt_length={self.max_prompt_length} must be >= 1")
+        check(_pos(self.temperature), f"temperature={self.temperature} must be > 0 (greedy decoding has no log-probs to optimise)")
+        check(self.top_k >= 0, f"top_k={self.top_k} must be >= 0")
+        check(0.0 < self.top_p <= 1.0, f"top_p={self.top_p} must be in (0, 1]")
+        check(self.lora_r >= 0, f"lora_r={self.lora_r} must be >= 0")
+        check(self.lora_alpha >= 1, f"lora_alpha={self.lora_alpha} must be >= 1")
+        check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        check(self.threads >= 0, f"threads={self.threads} must be >= 0")
+        check(self.sample_every >= 0, f"sample_every={self.sample_every} must be >= 0")
+        check(self.sample_rows >= 1, f"sample_rows={self.sample_rows} must be >= 1")
+        check(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
+        check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        check(bool(self.run_dir), "run_dir is empty; give --run-dir")
+        check(not (self.reward_model and self.reward_fn),
+              f"give either reward_model={self.reward_model!r} or reward_fn={self.reward_fn!r}, not both")
+        check(self.critic != "", "critic is empty; give a directory or 'policy'")
+
+
+def _pos(x: float) -> bool:
+    return x > 0 and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class PPOSizes:
+    """Quantities derived from a :class:`PPOConfig` (never written back into it)."""
+
+    batch_size: int          # sequences per rollout = rollout_size * group_size
+    num_minibatches: int     # optimizer steps per epoch
+    micro_batch_size: int    # sequences per forward/backward
+    kl_mode: str             # "reward" | "loss"
+    kl_estimator: str        # "k1" | "k2" | "k3"
+    uses_critic: bool        # GAE needs values; GRPO/RLOO do not
+    stop_strings: tuple[str, ...]
+    critic_learning_rate: float
+
+    @classmethod
+    def from_config(cls, cfg: PPOConfig) -> "PPOSizes":
+        batch = cfg.rollout_size * cfg.group_size
+        kl_mode = cfg.kl_mode or ("loss" if cfg.advantage_estimator == "grpo" else "reward")
+        kl_est = cfg.kl_estimator or ("k3" if kl_mode == "loss" else "k1")
+        # "\\n" typed on a command line means a newline
+        stops = tuple(p.replace("\\n", "\n") for p in cfg.stop_strings.split(",") if p) if cfg.stop_strings else ()
+        return cls(
+            batch_size=batch,
+            num_minibatches=batch // cfg.minibatch_size,
+            micro_batch_size=cfg.minibatch_size // cfg.grad_accum_steps,
+            kl_mode=kl_mode,
+            kl_estimator=kl_est,
+            uses_critic=cfg.advantage_estimator == "gae",
+            stop_strings=stops,
+            critic_learning_rate=cfg.critic_learning_rate if cfg.critic_learning_rate is not None else cfg.learning_rate,
+        )
