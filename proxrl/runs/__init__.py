@@ -1,0 +1,39 @@
+"""Run directory plumbing: layout, config YAML, metrics, checkpoints, RNG state, plots, progress bars.
+
+Imports nothing of proxrl except ``proxrl.errors``.
+"""
+from proxrl.runs.checkpoint import (
+    checkpoint_dir,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from proxrl.runs.metrics import MetricsLogger, read_metrics
+from proxrl.runs.plots import plot_metrics, plot_xy
+from proxrl.runs.progress import progress_bar
+from proxrl.runs.rng import generator_state, rng_state, set_generator_state, set_rng_state
+from proxrl.runs.rundir import RunDir, atomic_write
+
+__all__ = [
+    "RunDir",
+    "atomic_write",
+    "MetricsLogger",
+    "read_metrics",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "prune_checkpoints",
+    "checkpoint_dir",
+    "checkpoint_step",
+    "rng_state",
+    "set_rng_state",
+    "generator_state",
+    "set_generator_state",
+    "plot_metrics",
+    "plot_xy",
+    "progress_bar",
+]
