@@ -1,0 +1,206 @@
+"""Batched sampling from a causal LM with a hand-written KV-cache loop (the PPO rollout's generator).
+
+One prefill forward over the left-padded prompts, then one single-token forward per step reusing the KV cache.
+Position ids come from the attention mask (``cumsum(mask) - 1``), exactly as :func:`proxrl.lm.models.
+response_logprobs` and every later PPO forward compute them, so the log-probs recorded here are reproduced by a
+full forward pass over the finished sequences (PPO's ratio is 1 before the first update).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from proxrl.errors import UserError
+from proxrl.lm.models import PolicyWithValueHead, _unwrap, logprobs_from_logits, position_ids_from_mask
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate` (B rows, P prompt columns, R <= max_new_tokens response columns).
+
+    Attributes:
+        sequences: (B, P + R) long, the left-padded prompts followed by the responses; response positions after
+            a row finished hold ``pad_token_id``.
+        attention_mask: (B, P + R) long, the prompt mask followed by ``response_mask``.
+        prompt_len: P.
+        response_mask: (B, R) long, 1 for generated tokens up to and including the first EOS / the token that
+            completed a stop string, 0 after.
+        logprobs: (B, R) float32, ``log_softmax(logits / temperature)`` of the tempered but UNFILTERED
+            distribution at the sampled tokens (see :func:`generate`), 0 where ``response_mask`` is 0.
+        finished: (B,) bool, the row emitted EOS or a stop string (False: it hit ``max_new_tokens``).
+    """
+
+    sequences: Tensor
+    attention_mask: Tensor
+    prompt_len: int
+    response_mask: Tensor
+    logprobs: Tensor
+    finished: Tensor
+
+    @property
+    def responses(self) -> Tensor:
+        """(B, R) the generated tokens (pad after a row finished)."""
+        return self.sequences[:, self.prompt_len:]
+
+
+def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Top-k then nucleus filtering of (B, V) (tempered) logits: removed entries become -inf (in place)."""
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
+        remove_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
+        logits.masked_fill_(remove, float("-inf"))
+    return logits
+
+
+def _cache_kw(model: Any) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _get_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             stop_strings: Sequence[str] = (), tokenizer: Any = None,
+             generator: torch.Generator | None = None) -> GenerationOutput:
+    """Sample up to ``max_new_tokens`` tokens for each left-padded prompt.
+
+    Args:
+        model: a causal LM (HF, PEFT-wrapped, or :class:`~proxrl.lm.models.PolicyWithValueHead`).
+        input_ids: (B, P) long, LEFT-padded prompts.  attention_mask: (B, P) 0/1.
+        max_new_tokens: R_max >= 1.
+        temperature: > 0 samples from ``softmax(logits / temperature)`` (after top-k/top-p filtering);
+            0 is greedy (argmax), and then ``logprobs`` are at temperature 1.
+        top_k: keep the k most likely tokens (0 = off).  top_p: nucleus mass (1.0 = off). Both filter the
+            tempered distribution.
+        eos_token_id: an id or ids that finish a row (included in the response). None = no EOS stop.
+        pad_token_id: written after a row finished; default ``tokenizer.pad_token_id``, else the model config's,
+            else the (first) EOS id, else 0.
+        stop_strings: a row finishes once its decoded response contains any of them (the completing token is
+            included). Needs ``tokenizer``. Costs one decode per unfinished row per step.
+        generator: a ``torch.Generator`` for reproducible sampling.
+
+    Returns:
+        :class:`GenerationOutput`; R is the number of steps run (< R_max if every row finished early).
+
+    Log-probs choice: ``logprobs`` are ``log_softmax(logits / temperature)`` of the tempered but UNFILTERED
+    distribution, gathered at the sampled tokens. PPO needs pi_old to be recomputable by a later full forward pass
+    at the same temperature (which knows nothing of the top-k/top-p filter), and the ratio pi/pi_old must be
+    exactly 1 before the first update; so with top-k/top-p on, these are the log-probs of the policy being
+    optimised, not of the (filtered) sampling distribution.
+    """
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0, got {top_k}")
+    if stop_strings and tokenizer is None:
+        raise UserError("stop_strings need a tokenizer to decode responses; pass tokenizer=")
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         f"must both be (B, P)")
+    if isinstance(model, PolicyWithValueHead):
+        model = model.policy
+    base = _unwrap(model)
+    cache_kw = _cache_kw(base)
+    if eos_token_id is None:
+        eos_ids: list[int] = []
+    elif isinstance(eos_token_id, int):
+        eos_ids = [eos_token_id]
+    else:
+        eos_ids = [int(e) for e in eos_token_id]
+    if pad_token_id is None:
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            pad_token_id = tokenizer.pad_token_id
+        elif getattr(base.config, "pad_token_id", None) is not None:
+            pad_token_id = base.config.pad_token_id
+        else:
+            pad_token_id = eos_ids[0] if eos_ids else 0
+    stop_strings = tuple(stop_strings)
+
+    device = input_ids.device
+    bsz, plen = input_ids.shape
+    eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+    mask = attention_mask.to(dtype=torch.long)
+    positions = position_ids_from_mask(mask)
+    next_pos = positions[:, -1:] + 1
+
+    tokens: list[Tensor] = []
+    logps: list[Tensor] = []
+    valid: list[Tensor] = []
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    fwd_kw: dict[str, Any] = {"use_cache": True}
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        fwd_kw["logits_to_keep"] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **fwd_kw)
+            for step in range(max_new_tokens):
+                logits = out.logits[:, -1, :].float()
+                cache = _get_cache(out)
+                if temperature == 0:
+                    tok = logits.argmax(dim=-1)
+                    lp = logprobs_from_logits(logits, tok)
+                else:
+                    scaled = logits / temperature if temperature != 1.0 else logits
+                    lp_all = torch.log_softmax(scaled, dim=-1)
+                    if top_k or top_p < 1.0:
+                        probs = _filter_logits(scaled.clone(), top_k, top_p).softmax(-1)
+                    else:
+                        probs = lp_all.exp()
+                    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                    lp = lp_all.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+                alive = ~done
+                tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
+                lp = torch.where(alive, lp, torch.zeros_like(lp))
+                tokens.append(tok)
+                logps.append(lp)
+                valid.append(alive)
+                if eos_t is not None:
+                    done = done | (alive & torch.isin(tok, eos_t))
+                if stop_strings:
+                    resp = torch.stack(tokens, 1)
+                    for i in alive.nonzero().flatten().tolist():
+                        if not done[i]:
+                            text = tokenizer.decode(resp[i].tolist(), skip_special_tokens=False)
+                            if any(s in text for s in stop_strings):
+                                done[i] = True
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
+                out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
+                            **{cache_kw: cache}, **fwd_kw)
+                next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+
+    responses = torch.stack(tokens, 1)
+    response_mask = torch.stack(valid, 1).long()
+    return GenerationOutput(
+        sequences=torch.cat([input_ids, responses], 1),
+        attention_mask=torch.cat([attention_mask.long(), response_mask], 1),
+        prompt_len=plen,
+        response_mask=response_mask,
+        logprobs=torch.stack(logps, 1),
+        finished=done.clone(),
+    )
