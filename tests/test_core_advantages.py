@@ -142,6 +142,9 @@ def test_gae_no_grad_and_float32():
     adv, ret = gae(torch.randn(5, 2), v, torch.randn(5, 2), z, z, 0.99, 0.95)
     assert not adv.requires_grad and not ret.requires_grad
     assert adv.dtype == torch.float32
+    # T = 1: A = delta = r + gamma * (1 - terminated) * V' - V -> [1 + 0.5*4 - 1, 1 + 0 - 1] = [2, 0]
+    adv, _ = gae(_t([[1, 1]]), _t([[1, 1]]), _t([[4, 4]]), _t([[0, 1]]), _t([[0, 0]]), 0.5, 0.9)
+    torch.testing.assert_close(adv, _t([[2, 0]]))
 
 
 def test_gae_shape_mismatch_names_shapes():

@@ -164,11 +164,11 @@ def gae(
         done = (terminated.bool() | truncated.bool()).to(dtype)
         deltas = rewards + gamma * (1.0 - term) * next_values - values
         carry = gamma * lam * (1.0 - done)
-        advantages = torch.empty_like(deltas)
-        last = torch.zeros_like(deltas[0])
-        for t in range(deltas.shape[0] - 1, -1, -1):
-            last = deltas[t] + carry[t] * last
-            advantages[t] = last
+        delta_t, carry_t = deltas.unbind(0), carry.unbind(0)  # views, cheaper than indexing in the loop
+        out = [delta_t[-1]]
+        for t in range(len(delta_t) - 2, -1, -1):
+            out.append(torch.addcmul(delta_t[t], carry_t[t], out[-1]))
+        advantages = torch.stack(out[::-1])
         returns = advantages + values
     return advantages, returns
 
