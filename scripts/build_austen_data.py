@@ -1,4 +1,4 @@
-"""Dev-time script: build ``proxrl/lm/data/austen_sentences.txt.gz`` from Jane Austen's six novels.
+"""Dev-time script: build ``proxrl/lm/tasks/data/austen_sentences.txt.gz`` from Jane Austen's six novels.
 
 The novels themselves are in the public domain (first published 1811-1818). The source used here is the
 text packaged by the R package ``janeaustenr`` (Debian: ``apt-get install -y r-cran-janeaustenr``), read
@@ -7,7 +7,7 @@ without R through its lazy-load database with the ``rdata`` Python package (``pi
 Output: one sentence per line, gzip-compressed, deterministic (sorted by novel, then document order).
 Run from the repository root::
 
-    python scripts/build_austen_data.py [--src /usr/lib/R/site-library/janeaustenr/data] [--out proxrl/lm/data]
+    python scripts/build_austen_data.py [--src /usr/lib/R/site-library/janeaustenr/data] [--out proxrl/lm/tasks/data]
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def sentences(lines: list[str]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", default="/usr/lib/R/site-library/janeaustenr/data")
-    ap.add_argument("--out", default="proxrl/lm/data")
+    ap.add_argument("--out", default="proxrl/lm/tasks/data")
     args = ap.parse_args()
     novels = read_rdb(Path(args.src))
     all_sents: list[str] = []
