@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,11 @@ from proxrl.errors import UserError  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one line and exit status 2."""
+    """argparse that reports bad flags as one line and exit status 2, and reads ``-1e-3`` as a number."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")

@@ -1,0 +1,113 @@
+"""The `proxrl` command line: --help explains options; bad input -> one line `error: ...`, exit 2, nothing lost."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxrl.cli import main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_train_help_lists_every_hyperparameter_with_default(capsys):
+    code, out, _ = run_cli(capsys, "train", "--help")
+    for flag in ("--learning-rate", "--gamma", "--gae-lambda", "--clip-coef", "--value-coef", "--entropy-coef",
+                 "--epochs", "--num-minibatches", "--num-envs", "--rollout-steps", "--target-kl",
+                 "--max-grad-norm", "--total-steps", "--seed", "--config", "--resume"):
+        assert flag in out, flag
+    assert "(default: 0.99)" in out  # gamma's default is shown
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["train", "CartPol-v1"], ["'CartPol-v1'", "did you mean 'CartPole-v1'"]),
+        (["train", "CartPole-v1", "--learning-rate", "0"], ["learning_rate=0.0"]),
+        (["train", "CartPole-v1", "--learning-rate", "-1e-3"], ["learning_rate=-0.001"]),
+        (["train", "CartPole-v1", "--clip-coef", "0"], ["clip_coef=0.0"]),
+        (["train", "CartPole-v1", "--gamma", "1.5"], ["gamma=1.5"]),
+        (["train", "CartPole-v1", "--gamma", "0"], ["gamma=0.0"]),
+        (["train", "CartPole-v1", "--gae-lambda", "1.2"], ["gae_lambda=1.2"]),
+        (["train", "CartPole-v1", "--num-minibatches", "1000"], ["num_minibatches=1000"]),
+        (["train", "CartPole-v1", "--epochs", "many"], ["'many'"]),
+        (["eval", "no/such/run"], ["no/such/run"]),
+        (["train", "--resume", "no/such/run"], ["no/such/run"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(capsys, tmp_path, argv, needles):
+    code, _, err = run_cli(capsys, *argv, *(["--run-dir", str(tmp_path / "r")] if argv[0] == "train" else []))
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.001\nclip_cof: 0.1\n")
+    code, _, err = run_cli(capsys, "train", "CartPole-v1", "--config", str(cfg), "--run-dir", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "'clip_cof'", "clip_coef")
+
+
+def test_unsupported_spaces(capsys, tmp_path):
+    # a Dict observation space / MultiDiscrete action space, via a factory 'module:function'
+    mod = tmp_path / "weird_env.py"
+    mod.write_text(
+        "import gymnasium as gym\nfrom gymnasium import spaces\nimport numpy as np\n"
+        "class E(gym.Env):\n"
+        "    observation_space = spaces.Box(-1, 1, (3,), np.float32)\n"
+        "    action_space = spaces.MultiDiscrete([2, 3])\n"
+        "    def reset(self, seed=None, options=None):\n        return np.zeros(3, np.float32), {}\n"
+        "    def step(self, a):\n        return np.zeros(3, np.float32), 0.0, False, False, {}\n"
+        "def make():\n    return E()\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        code, _, err = run_cli(capsys, "train", "weird_env:make", "--run-dir", str(tmp_path / "r"), "--no-progress")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert_one_line_error(code, err, "MultiDiscrete")
+
+
+def test_existing_run_dir_is_not_overwritten_and_corrupt_checkpoint(capsys, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "CartPole-v1", "--run-dir", str(run), "--total-steps", "512",
+                           "--eval-every", "0", "--eval-episodes", "1", "--no-progress", "--tensorboard", "false")
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # same run dir again: refused, nothing lost
+    code, _, err = run_cli(capsys, "train", "CartPole-v1", "--run-dir", str(run), "--total-steps", "512", "--no-progress")
+    assert_one_line_error(code, err, str(run))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # corrupt the weights: eval and resume name the file
+    weights = sorted(run.glob("checkpoints/*/model.safetensors"))[-1]
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = run_cli(capsys, "eval", str(run))
+    assert_one_line_error(code, err, "model.safetensors")
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
+    assert_one_line_error(code, err, "model.safetensors")
+    assert (run / "config.yaml").read_bytes() == before[run / "config.yaml"]
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "proxrl.cli", "train", "CartPole-v1", "--gamma", "2",
+                        "--run-dir", str(tmp_path / "r")], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "gamma=2.0" in r.stderr, r.stderr
