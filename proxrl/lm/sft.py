@@ -375,7 +375,7 @@ def train_sft(cfg: SFTConfig, progress: bool | None = None) -> dict[str, Any]:
             opt_.step()
             sched.step()
             tokens += int(batch["loss_mask"].sum())
-            window.append(float(loss))
+            window.append(loss.item())
             if not math.isfinite(window[-1]):
                 raise UserError(f"SFT loss became {window[-1]} at step {step}; lower --learning-rate")
             metrics: dict[str, float] = {}

@@ -29,7 +29,7 @@ def task_prompts(name: str, split: str = "eval", n: int = 256, seed: int = 0) ->
     if name == "arithmetic":
         from proxrl.lm.tasks import arithmetic as A
 
-        held = A.make_problems(n, seed=seed + 1_000_003)
-        pairs = held if split == "eval" else A.make_problems(n, seed=seed, exclude=set(held))
+        held = A.held_out_problems(seed)
+        pairs = held[:n] if split == "eval" else A.make_problems(min(n, A.MAX_TRAIN), seed=seed, exclude=set(held))
         return [A.format_prompt(a, b) for a, b in pairs]
     raise UserError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")

@@ -71,6 +71,15 @@ def make_problems(n: int, seed: int = 0, min_digits: int = 1, max_digits: int = 
     return out
 
 
+EVAL_POOL = 1000     # size of the fixed held-out problem set
+MAX_TRAIN = 200_000  # cap on training problems drawn at once
+
+
+def held_out_problems(seed: int = 0, n: int = EVAL_POOL) -> list[tuple[int, int]]:
+    """The task's fixed held-out problems (never used for training by :func:`proxrl.lm.tasks.task_prompts`)."""
+    return make_problems(n, seed=seed + 1_000_003)
+
+
 def sft_records(pairs: Sequence[tuple[int, int]]) -> list[dict[str, str]]:
     """Prompt/completion records ``{"prompt": "a+b=", "completion": "a+b"}`` for SFT (EOS appended by SFT)."""
     return [{"prompt": format_prompt(a, b), "completion": str(a + b)} for a, b in pairs]

@@ -1,0 +1,108 @@
+"""Reward model: Bradley-Terry training reaches high accuracy on an easy set; score at the last real token."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from proxrl.errors import UserError  # noqa: E402
+from proxrl.lm import reward_model as RM  # noqa: E402
+from proxrl.lm.tasks import arithmetic as A  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A random tiny GPT-2 with a char tokenizer whose pad token IS the eos token."""
+    from proxrl.lm.models import build_tiny_gpt2, save_model_and_tokenizer
+
+    d = tmp_path_factory.mktemp("lm")
+    tok = A.build_char_tokenizer()
+    tok.pad_token = tok.eos_token  # pad == eos: scores must come from the attention mask
+    model = build_tiny_gpt2(tok, n_layer=1, n_embd=32, n_head=2, n_positions=64, seed=0)
+    save_model_and_tokenizer(model, tok, d)
+    return d
+
+
+def _easy_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Chosen completions contain a '7', rejected ones never do (same length, random digits otherwise)."""
+    rng = random.Random(seed)
+    digits = "01234568 9"
+    out = []
+    for _ in range(n):
+        k = rng.randint(3, 8)
+        rej = "".join(rng.choice(digits) for _ in range(k))
+        pos = rng.randrange(k)
+        cho = rej[:pos] + "7" + rej[pos + 1:]
+        out.append({"prompt": f"{rng.randint(0, 99)}=", "chosen": cho, "rejected": rej})
+    return out
+
+
+def test_bradley_terry_learns_easy_preference(tmp_path, tiny_lm):
+    from transformers import AutoModelForSequenceClassification
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in _easy_pairs(600)))
+    cfg = RM.RewardModelConfig(data=str(data), model=str(tiny_lm), output_dir=str(tmp_path / "rm"), batch_size=32,
+                               max_steps=120, learning_rate=3e-3, eval_fraction=0.2, eval_every=60, progress=False)
+    res = RM.train_reward_model(cfg)
+    assert res["eval_accuracy"] > 0.9, res
+    m = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert m.config.num_labels == 1
+    assert (tmp_path / "rm" / "metrics.jsonl").is_file()
+
+
+def test_score_read_at_last_real_token_with_pad_equal_eos(tiny_lm):
+    from proxrl.lm.models import load_tokenizer, scalar_model_from_causal
+
+    tok = load_tokenizer(tiny_lm)
+    assert tok.pad_token_id == tok.eos_token_id
+    model = scalar_model_from_causal(str(tiny_lm), head_std=0.5)
+    short = RM.encode_pair_side(tok, "1+2=", "3", 64, append_eos=False)  # padded with eos (== pad) below
+    long = RM.encode_pair_side(tok, "11+22=", "33", 64, append_eos=True)
+    batch = RM.score_sequences(model, [short, long], tok.pad_token_id)
+    alone = RM.score_sequences(model, [short], tok.pad_token_id)
+    assert torch.allclose(batch[0], alone[0], atol=1e-5)
+    ids, mask, last = RM.pad_right([short, long], tok.pad_token_id)
+    assert last.tolist() == [len(short) - 1, len(long) - 1]
+    # the score is the head at exactly that position, not at the first pad / last column
+    from proxrl.lm.models import token_values
+
+    per_pos = token_values(model, ids, mask)
+    assert torch.allclose(batch, per_pos[torch.arange(2), last], atol=1e-5)
+    assert not torch.allclose(per_pos[0, len(short) - 1], per_pos[0, -1])
+
+
+def test_bad_jsonl_line_is_named(tmp_path, tiny_lm):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a", "rejected": "b"}\n{"chosen": "a", oops}\n')
+    cfg = RM.RewardModelConfig(data=str(data), model=str(tiny_lm), output_dir=str(tmp_path / "rm"), progress=False)
+    with pytest.raises(UserError) as e:
+        RM.train_reward_model(cfg)
+    assert "line 3" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "rm").exists()  # nothing created for bad data
+
+
+def test_missing_key_is_named(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a"}\n')
+    with pytest.raises(UserError, match="line 2"):
+        RM.load_pairs(data)
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="model"):
+        RM.RewardModelConfig(data="x.jsonl")
+    with pytest.raises(UserError, match="lr_schedule"):
+        RM.RewardModelConfig(data="x.jsonl", model="m", lr_schedule="warm")
