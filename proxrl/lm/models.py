@@ -136,15 +136,15 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A sha256 hex digest of the tokenizer's full vocabulary (token -> id) and special tokens.
+    """A sha256 hex digest of the tokenizer's full vocabulary (token -> id, added tokens included) and EOS token.
 
-    Two tokenizers with the same fingerprint map every string to the same ids.
+    Two tokenizers with the same fingerprint map every string to the same ids. The pad token is left out on
+    purpose (:func:`load_tokenizer` may set pad = EOS; masks are explicit, so the pad choice changes no score).
     """
     h = hashlib.sha256()
     vocab = tokenizer.get_vocab()
     h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
-    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
-    h.update(json.dumps(special, sort_keys=True).encode())
+    h.update(json.dumps({"eos": str(tokenizer.eos_token)}).encode())
     return h.hexdigest()
 
 
@@ -177,25 +177,40 @@ def save_model_and_tokenizer(model: Any, tokenizer: Any, out_dir: str | Path) ->
     return out
 
 
+def _saved_tokenizer(model_dir: Path) -> Any | None:
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    try:
+        return load_tokenizer(model_dir)
+    except UserError:
+        return None
+
+
 def check_tokenizer_fits(model: Any, tokenizer: Any, model_dir: str | Path | None = None, what: str = "model") -> None:
     """Raise UserError unless ``tokenizer`` can feed ``model``.
 
-    Checks that ``len(tokenizer)`` <= the model's embedding rows, and, if ``model_dir`` holds a tokenizer
-    fingerprint (written by :func:`save_model_and_tokenizer`), that it matches ``tokenizer``.
+    Checks that ``len(tokenizer)`` <= the model's embedding rows, and, when ``model_dir`` is given, that the
+    tokenizer matches the one the model was saved with: the fingerprint file written by
+    :func:`save_model_and_tokenizer` if present, else a tokenizer saved in ``model_dir`` if any.
     """
     rows = _unwrap(model).get_input_embeddings().weight.shape[0]
     n = len(tokenizer)
     if n > rows:
         raise UserError(f"tokenizer has {n} tokens but the {what} embedding has only {rows} rows; use the "
                         f"tokenizer the {what} was trained with (or resize its embeddings)")
-    if model_dir is not None:
-        saved = read_tokenizer_fingerprint(model_dir)
-        if saved is not None:
-            fp = tokenizer_fingerprint(tokenizer)
-            if saved.get("fingerprint") != fp or saved.get("len", n) != n:
-                raise UserError(f"the {what} in {str(model_dir)!r} was saved with a different tokenizer "
-                                f"(len {saved.get('len')} vs {n}, fingerprint {str(saved.get('fingerprint'))[:12]} vs "
-                                f"{fp[:12]}); use the tokenizer saved next to it")
+    if model_dir is None:
+        return
+    saved = read_tokenizer_fingerprint(model_dir)
+    if saved is None:
+        other = _saved_tokenizer(Path(model_dir))
+        if other is None:
+            return
+        saved = {"fingerprint": tokenizer_fingerprint(other), "len": len(other)}
+    fp = tokenizer_fingerprint(tokenizer)
+    if saved.get("fingerprint") != fp or saved.get("len", n) != n:
+        raise UserError(f"the {what} in {str(model_dir)!r} was saved with a different tokenizer "
+                        f"(len {saved.get('len')} vs {n}, fingerprint {str(saved.get('fingerprint'))[:12]} vs "
+                        f"{fp[:12]}); use the tokenizer saved next to it")
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -1,0 +1,170 @@
+"""proxrl.lm.rewards: reward-function loading/calling errors and the reward-model scorer."""
+import math
+import os
+import sys
+import textwrap
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from proxrl.errors import UserError
+from proxrl.lm import models as M
+from proxrl.lm.rewards import RewardModelScorer, call_reward_fn, load_reward_fn
+
+torch.set_num_threads(1)
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "A reward model scores a completion."] * 20
+
+
+def err(fn, *a, **kw):
+    with pytest.raises(UserError) as e:
+        fn(*a, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    f = tmp_path / "my_rewards.py"
+    f.write_text(textwrap.dedent("""
+        def length(prompts, completions):
+            return [float(len(c)) for c in completions]
+
+        def picky(prompts, completions):
+            out = []
+            for c in completions:
+                if c == "bad":
+                    raise ValueError("cannot score\\nthis one")
+                out.append(1.0)
+            return out
+
+        def short(prompts, completions):
+            return [1.0] * (len(completions) - 1)
+
+        def nan_at_2(prompts, completions):
+            return [float("nan") if i == 2 else 0.0 for i in range(len(completions))]
+
+        def inf_at_1(prompts, completions):
+            return [float("inf") if i == 1 else 0.0 for i in range(len(completions))]
+
+        def strings(prompts, completions):
+            return ["x"] * len(completions)
+
+        def batch_only(prompts, completions):
+            if len(completions) > 1:
+                raise RuntimeError("batch bug")
+            return [0.0]
+
+        def with_answer(prompts, completions, answer):
+            return [float(c == a) for c, a in zip(completions, answer)]
+
+        NOT_CALLABLE = 3
+    """))
+    return f
+
+
+def test_load_from_file_and_module(reward_file, tmp_path, monkeypatch):
+    fn = load_reward_fn(f"{reward_file}:length")
+    assert call_reward_fn(fn, ["p", "q"], ["ab", "abcd"]).tolist() == [2.0, 4.0]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn2 = load_reward_fn("my_rewards:length")
+    assert fn2.spec == "my_rewards:length" and fn2(["p"], ["abc"]) == [3.0]
+    assert load_reward_fn("math:sqrt")(4.0) == 2.0
+    sys.modules.pop("my_rewards", None)
+
+
+def test_load_errors(reward_file, tmp_path):
+    assert "no ':function'" in err(load_reward_fn, "justamodule")
+    assert "no module named 'no_such_mod_xyz'" in err(load_reward_fn, "no_such_mod_xyz:f")
+    assert "does not exist" in err(load_reward_fn, str(tmp_path / "missing.py") + ":f")
+    msg = err(load_reward_fn, f"{reward_file}:lenght")
+    assert "no attribute 'lenght'" in msg and "did you mean 'length'" in msg
+    assert "not a function" in err(load_reward_fn, f"{reward_file}:NOT_CALLABLE")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import no_such_dependency_abc\n")
+    assert "ModuleNotFoundError" in err(load_reward_fn, f"{broken}:f")
+
+
+def test_call_errors_name_the_sample(reward_file):
+    spec = f"{reward_file}:picky"
+    fn = load_reward_fn(spec)
+    prompts = ["p0", "p1", "p2", "abcdefghij" * 10, "p4"]
+    comps = ["ok", "ok", "ok", "bad", "bad"]
+    msg = err(call_reward_fn, fn, prompts, comps)
+    assert msg.startswith(f"reward function {spec} raised ValueError on sample 3 (prompt 'abcdefghij")
+    assert "cannot score this one" in msg and "..." in msg
+    msg = err(call_reward_fn, load_reward_fn(f"{reward_file}:short"), prompts, comps)
+    assert "returned 4 scores for 5 completions" in msg and "expected 5" in msg
+    msg = err(call_reward_fn, load_reward_fn(f"{reward_file}:nan_at_2"), prompts, comps)
+    assert "returned nan for sample 2" in msg
+    msg = err(call_reward_fn, load_reward_fn(f"{reward_file}:inf_at_1"), prompts, comps)
+    assert "returned inf for sample 1" in msg
+    assert "not numbers" in err(call_reward_fn, load_reward_fn(f"{reward_file}:strings"), prompts, comps)
+    assert "on no single sample" in err(call_reward_fn, load_reward_fn(f"{reward_file}:batch_only"), prompts, comps)
+    assert "a single number" in err(call_reward_fn, lambda p, c: 1.0, prompts, comps)
+
+
+def test_call_accepts_tensors_arrays_and_extra_columns(reward_file):
+    import numpy as np
+
+    out = call_reward_fn(lambda p, c: torch.ones(len(c), 1, requires_grad=True) * 2, ["a", "b"], ["c", "d"])
+    assert out.dtype == torch.float32 and out.shape == (2,) and not out.requires_grad and out.tolist() == [2, 2]
+    assert call_reward_fn(lambda p, c: np.arange(len(c)), ["a", "b"], ["c", "d"]).tolist() == [0, 1]
+    fn = load_reward_fn(f"{reward_file}:with_answer")
+    assert call_reward_fn(fn, ["q", "q"], ["4", "5"], answer=["4", "4"]).tolist() == [1.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return M.train_bpe_tokenizer(TEXTS, 280)
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rm")
+    rm = M.scalar_model_from_causal(M.build_tiny_gpt2(tok, 2, 32, 2, seed=0), head_std=0.5)
+    M.save_model_and_tokenizer(rm, tok, d)
+    return d
+
+
+def test_scorer_reads_explicit_last_index(tok, rm_dir):
+    s = RewardModelScorer(rm_dir)
+    ids, mask = s.encode(["The quick", ""], [" brown fox", "A reward"])
+    assert mask[1, 0] == 0 and (ids[:, -1] == tok.eos_token_id).all()  # left padded, EOS appended
+    scores = s.score_ids(ids, mask)
+    vals = M.token_values(s.model, ids, mask)
+    assert torch.allclose(scores, vals[:, -1], atol=1e-6)
+    assert torch.allclose(s.score_ids(ids, mask, torch.tensor([2, 3])), vals[torch.arange(2), torch.tensor([2, 3])])
+    # same text alone (no padding) scores the same: padding and pad == eos do not matter
+    alone_ids, alone_mask = s.encode([""], ["A reward"])
+    assert torch.allclose(s.score_ids(alone_ids, alone_mask), scores[1:], atol=1e-5)
+    assert torch.allclose(s(["The quick", ""], [" brown fox", "A reward"]), scores, atol=1e-6)
+    # right-padded input works too because the index comes from the mask, not from pad ids
+    r_ids = torch.cat([alone_ids, torch.full((1, 3), tok.eos_token_id)], 1)
+    r_mask = torch.cat([alone_mask, torch.zeros(1, 3, dtype=torch.long)], 1)
+    assert torch.allclose(s.score_ids(r_ids, r_mask), scores[1:], atol=1e-5)
+    assert "outside the reward model's vocabulary" in err(s.score_ids, ids + 1000, mask)
+
+
+def test_scorer_vocab_checks(tok, rm_dir, tmp_path):
+    RewardModelScorer(rm_dir, policy_tokenizer=tok)
+    other = M.train_bpe_tokenizer(["entirely different words here"] * 30, 280)
+    msg = err(RewardModelScorer, rm_dir, policy_tokenizer=other)
+    assert "different tokenizer" in msg
+    bigger = M.train_bpe_tokenizer(TEXTS + ["zebra quartz xylophone jukebox"] * 10, 320)
+    assert len(bigger) > 280
+    model = M.load_scalar_model(rm_dir)
+    msg = err(RewardModelScorer, model, bigger)
+    assert str(len(bigger)) in msg and "rows" in msg
+    # a directory without fingerprint but with a saved tokenizer is still checked
+    d = tmp_path / "nofp"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    RewardModelScorer(d)
+    assert "different tokenizer" in err(RewardModelScorer, d, policy_tokenizer=other)
+    assert "needs a tokenizer" in err(RewardModelScorer, model)
+    assert "does not exist" in err(RewardModelScorer, tmp_path / "missing")
