@@ -265,7 +265,8 @@ def test_critic_free_estimators_learn(policy_dir, tmp_path, estimator):
 
 
 def test_k3_loss_mode_with_gae(policy_dir, tmp_path):
-    cfg = _cfg(policy_dir, tmp_path / "run", total_updates=3, kl_mode="loss", kl_coef=0.1)
+    cfg = _cfg(policy_dir, tmp_path / "run", total_updates=3, kl_mode="loss", kl_coef=0.1, entropy_coef=0.01,
+               grad_accum_steps=2, lr_schedule="linear", target_kl=10.0)
     _train(cfg)
     rows = _metrics(tmp_path / "run")
     assert rows[-1]["kl_loss"] > 0 and all(r["non_score_reward"] == 0 for r in rows)
@@ -366,3 +367,47 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(policy_dir, tmp_pa
     tensors, state = load_checkpoint(ckpt)
     assert state["update"] == 2
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if t.is_floating_point())
+
+
+def test_reward_model_scores_at_last_response_token(policy_dir, tmp_path):
+    from proxrl.lm import models as M
+    from proxrl.lm.ppo import _reward_model_scorer
+
+    tok = M.load_tokenizer(policy_dir)
+    rm = M.scalar_model_from_causal(policy_dir, head_std=0.5)
+    rm_dir = M.save_model_and_tokenizer(rm, tok, tmp_path / "rm")
+    cfg = _cfg(policy_dir, tmp_path / "run", total_updates=2, reward_model=str(rm_dir))
+    tok, _, ro = _rollout(policy_dir, PROMPTS, max_new_tokens=8)
+    score = _reward_model_scorer(cfg, tok)
+    got = score(ro.input_ids, ro.attention_mask, ro.prompt_len, ro.response_mask, ro.prompts, ro.completions)
+    # reference: score each row alone, trimmed to exactly prompt + response (no padding at all)
+    rm = M.load_scalar_model(rm_dir)
+    for b in range(len(PROMPTS)):
+        keep = ro.attention_mask[b].bool()
+        ids = ro.input_ids[b][keep][None]
+        with torch.no_grad():
+            want = M.sequence_scores(rm, ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]))
+        assert abs(float(got[b]) - float(want[0])) < 1e-4
+    from proxrl.lm.ppo import train_ppo
+
+    train_ppo(cfg, prompts=PROMPTS, progress=False)
+    assert len(_metrics(tmp_path / "run")) == 2
+
+
+def test_cli_style_resume_reads_prompts_and_reward_spec_from_run(policy_dir, tmp_path):
+    from proxrl.config import from_dict
+    from proxrl.lm.ppo import train_ppo
+    from proxrl.runs import RunDir
+
+    fn_file = tmp_path / "rew.py"
+    fn_file.write_text("def reward(prompts, completions):\n    return [float(c.count('e')) for c in completions]\n")
+    cfg = _cfg(policy_dir, tmp_path / "run", total_updates=1, reward_fn=f"{fn_file}:reward", bf16=True,
+               checkpoint_every=1)
+    train_ppo(cfg, prompts=PROMPTS, progress=True)
+    saved = RunDir(tmp_path / "run").read_config()
+    saved["total_updates"] = 2
+    train_ppo(from_dict(PPOConfig, saved), resume=True, progress=False)
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["policy_loss"]) for r in rows)
+    with pytest.raises(UserError, match="already"):
+        train_ppo(cfg, prompts=PROMPTS, progress=False)

@@ -472,10 +472,9 @@ class PPOTrainer:
         ids = ro.input_ids[idx, : p + r_used]
         attn = ro.attention_mask[idx, : p + r_used]
         mask = mask[:, :r_used]
-        want_entropy = True
         with autocast_ctx(cfg.bf16):
             logprobs, values, entropy = response_forward(models.policy, ids, attn, p, cfg.temperature,
-                                                         want_entropy=want_entropy)
+                                                         want_entropy=True, entropy_grad=cfg.entropy_coef > 0)
             if models.critic is not None:
                 values = critic_values(models.critic, ids, attn, p)
         old = ro.logprobs[idx, :r_used]

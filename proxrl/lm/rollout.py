@@ -97,6 +97,7 @@ def response_forward(
     temperature: float,
     *,
     want_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One forward over prompt+response, keeping the response part only.
 
@@ -124,8 +125,9 @@ def response_forward(
     logits = logits[:, prompt_len - 1 : -1]
     logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:], temperature)
     entropy = None
-    if want_entropy:
-        entropy = entropy_from_logits(logits.float() / temperature)
+    if want_entropy:  # without entropy_grad no (B, R, V) softmax is kept for backward (entropy only logged)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits.float() / temperature)
     return logprobs, values, entropy
 
 
