@@ -1,0 +1,190 @@
+"""Configuration of PPO on Gymnasium environments: :class:`ControlConfig` and the sizes derived from it.
+
+Every field is declared with :func:`proxrl.config.opt` so the CLI can expose it as ``--field-name`` with its
+help text. Defaults follow CleanRL's ``ppo.py`` / ``ppo_continuous_action.py`` and Stable-Baselines3's ``PPO``
+where those agree; each help text says where a default comes from. Tuned per-environment values live in
+:mod:`proxrl.control.presets`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from proxrl.config import check, opt
+from proxrl.errors import UserError
+
+__all__ = ["ControlConfig", "Sizes", "sizes", "check_env_id", "parse_hidden_sizes"]
+
+
+def parse_hidden_sizes(text: str) -> tuple[int, ...]:
+    """``"64,64"`` -> ``(64, 64)``; ``""`` -> ``()`` (linear policy). UserError on anything else."""
+    text = text.strip()
+    if not text:
+        return ()
+    try:
+        sizes_ = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"hidden_sizes={text!r} is not a comma-separated list of integers; use e.g. '64,64'") from None
+    if any(s < 1 for s in sizes_):
+        raise UserError(f"hidden_sizes={text!r} has a layer width below 1; use positive widths such as '64,64'")
+    return sizes_
+
+
+def check_env_id(env_id: str) -> None:
+    """UserError unless ``env_id`` is a registered Gymnasium id or a ``module:function`` factory path.
+
+    For an unknown id the message lists the closest registered ids (``difflib``), e.g.
+    ``unknown Gymnasium env id 'CartPole-v0'; did you mean 'CartPole-v1'?``.
+    """
+    import gymnasium as gym
+
+    if not env_id:
+        raise UserError("env_id is empty; give a Gymnasium id such as 'CartPole-v1' or a factory 'pkg.module:make_env'")
+    if env_id in gym.registry:
+        return
+    if ":" in env_id and "/" not in env_id.split(":")[0]:
+        # "pkg.module:function" factory (or gymnasium's own "module:EnvId" form, left to gym.make).
+        return
+    close = difflib.get_close_matches(env_id, list(gym.registry.keys()), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "; list ids with gymnasium.registry"
+    raise UserError(f"unknown Gymnasium env id {env_id!r}{hint}")
+
+
+@dataclass
+class ControlConfig:
+    """PPO hyperparameters and run settings for one Gymnasium environment (see each field's help)."""
+
+    env_id: str = opt(
+        "CartPole-v1",
+        "Gymnasium environment id (e.g. CartPole-v1) or a factory 'pkg.module:function' returning a gymnasium.Env.",
+    )
+    seed: int = opt(1, "Seed for the network init, action sampling, minibatch order and environments (CleanRL default 1).")
+    total_steps: int = opt(100_000, "Environment steps to train for, summed over the parallel envs.")
+    num_envs: int = opt(8, "Parallel environments in the vector env (rl-zoo CartPole value; CleanRL uses 4).")
+    rollout_steps: int = opt(128, "Steps collected per env before each update (CleanRL num_steps default 128).")
+    num_minibatches: int = opt(4, "Minibatches the num_envs*rollout_steps batch is split into per epoch (CleanRL default 4).")
+    epochs: int = opt(4, "Passes over the rollout batch per update (CleanRL update_epochs default 4).")
+    learning_rate: float = opt(2.5e-4, "Adam learning rate at the start of training (CleanRL ppo.py default 2.5e-4).")
+    lr_schedule: Literal["constant", "linear"] = opt(
+        "linear", "How the learning rate evolves: 'linear' decays it to 0 at total_steps (CleanRL anneal_lr default)."
+    )
+    gamma: float = opt(0.99, "Discount factor in (0, 1] (CleanRL and SB3 default 0.99).")
+    gae_lambda: float = opt(0.95, "GAE lambda in [0, 1] (Schulman et al. 2016; CleanRL and SB3 default 0.95).")
+    clip_coef: float = opt(0.2, "PPO ratio clip epsilon at the start of training (Schulman et al. 2017; default 0.2).")
+    clip_schedule: Literal["constant", "linear"] = opt(
+        "constant", "How the clip epsilon evolves: 'linear' decays it to 0 at total_steps (SB3 default constant)."
+    )
+    clip_value_coef: float | None = opt(
+        None, "Clip the value update to +-this around the old values; none = unclipped value loss (SB3 default)."
+    )
+    value_coef: float = opt(0.5, "Weight of the value loss in the total loss (CleanRL and SB3 default 0.5).")
+    entropy_coef: float = opt(0.0, "Weight of the entropy bonus (SB3 default 0.0; CleanRL uses 0.01 for Atari/CartPole).")
+    max_grad_norm: float = opt(0.5, "Clip the global gradient norm to this; 0 disables (CleanRL and SB3 default 0.5).")
+    target_kl: float | None = opt(
+        None,
+        "Stop the epoch loop of an update once the minibatch approx KL (k3) exceeds 1.5*target_kl "
+        "(SB3 rule); none = never stop early (SB3 default).",
+    )
+    norm_adv: bool = opt(True, "Normalise advantages per minibatch to mean 0, std 1 (CleanRL and SB3 default true).")
+    norm_obs: bool = opt(False, "Normalise observations with running mean/std, clipped to +-obs_clip (SB3 VecNormalize).")
+    norm_reward: bool = opt(
+        False, "Divide rewards by the running std of the discounted return, clipped to +-reward_clip (SB3 VecNormalize)."
+    )
+    obs_clip: float = opt(10.0, "Clip normalised observations to +-this (SB3 VecNormalize default 10).")
+    reward_clip: float = opt(10.0, "Clip scaled rewards to +-this (SB3 VecNormalize default 10).")
+    hidden_sizes: str = opt("64,64", "Hidden layer widths of the separate actor and critic MLPs (CleanRL default '64,64').")
+    activation: Literal["tanh", "relu"] = opt("tanh", "Hidden activation of both MLPs (CleanRL and SB3 default tanh).")
+    init_log_std: float = opt(0.0, "Initial log std of the Gaussian policy for Box actions (CleanRL and SB3 default 0).")
+    eval_every: int = opt(10_000, "Run a deterministic evaluation every this many env steps; 0 = only at the end.")
+    eval_episodes: int = opt(10, "Episodes per evaluation (deterministic policy: argmax / mean action).")
+    checkpoint_every: int = opt(
+        50_000,
+        "Write a checkpoint every this many env steps (and always at the end); 0 = only at the end. "
+        "Envs are re-seeded at each checkpoint boundary so that resuming is exact.",
+    )
+    vector_mode: Literal["auto", "native", "sync", "async"] = opt(
+        "auto",
+        "How envs are vectorised: the env's own vector implementation (native), one process (sync) or one "
+        "process per env (async); auto = native when the env id has one, else sync.",
+    )
+    threads: int = opt(1, "torch.set_num_threads for training (1 is fastest for small MLPs).")
+    tensorboard: bool = opt(True, "Also write TensorBoard events to run_dir/tb.")
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.env_id, str), f"env_id={self.env_id!r} must be a string")
+        check(self.total_steps >= 1, f"total_steps={self.total_steps} must be at least 1")
+        check(self.num_envs >= 1, f"num_envs={self.num_envs} must be at least 1")
+        check(self.rollout_steps >= 1, f"rollout_steps={self.rollout_steps} must be at least 1")
+        check(self.num_minibatches >= 1, f"num_minibatches={self.num_minibatches} must be at least 1")
+        batch = self.num_envs * self.rollout_steps
+        check(
+            self.num_minibatches <= batch,
+            f"num_minibatches={self.num_minibatches} exceeds the rollout batch num_envs*rollout_steps={batch}; "
+            "use fewer minibatches or a longer rollout",
+        )
+        check(
+            batch % self.num_minibatches == 0,
+            f"rollout batch num_envs*rollout_steps={batch} is not divisible by num_minibatches="
+            f"{self.num_minibatches}; pick a divisor of {batch}",
+        )
+        check(self.epochs >= 1, f"epochs={self.epochs} must be at least 1")
+        check(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            f"learning_rate={self.learning_rate} must be a positive number",
+        )
+        check(0 < self.gamma <= 1, f"gamma={self.gamma} must be in (0, 1]")
+        check(0 <= self.gae_lambda <= 1, f"gae_lambda={self.gae_lambda} must be in [0, 1]")
+        check(math.isfinite(self.clip_coef) and self.clip_coef > 0, f"clip_coef={self.clip_coef} must be positive")
+        check(
+            self.clip_value_coef is None or self.clip_value_coef > 0,
+            f"clip_value_coef={self.clip_value_coef} must be positive or none (unclipped)",
+        )
+        check(self.value_coef >= 0, f"value_coef={self.value_coef} must be >= 0")
+        check(self.entropy_coef >= 0, f"entropy_coef={self.entropy_coef} must be >= 0")
+        check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping)")
+        check(self.target_kl is None or self.target_kl > 0, f"target_kl={self.target_kl} must be positive or none")
+        check(self.obs_clip > 0, f"obs_clip={self.obs_clip} must be positive")
+        check(self.reward_clip > 0, f"reward_clip={self.reward_clip} must be positive")
+        parse_hidden_sizes(self.hidden_sizes)
+        check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0 = only at the end)")
+        check(self.eval_episodes >= 1, f"eval_episodes={self.eval_episodes} must be at least 1")
+        check(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = only at the end)")
+        check(self.threads >= 1, f"threads={self.threads} must be at least 1")
+        for name in ("lr_schedule", "clip_schedule"):
+            value = getattr(self, name)
+            check(value in ("constant", "linear"), f"{name}={value!r} must be 'constant' or 'linear'")
+        check(self.activation in ("tanh", "relu"), f"activation={self.activation!r} must be 'tanh' or 'relu'")
+        check(
+            self.vector_mode in ("auto", "native", "sync", "async"),
+            f"vector_mode={self.vector_mode!r} must be one of auto, native, sync, async",
+        )
+        check_env_id(self.env_id)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Quantities derived from a :class:`ControlConfig` (never written back into it)."""
+
+    batch_size: int  # num_envs * rollout_steps transitions per update
+    minibatch_size: int  # batch_size // num_minibatches
+    num_updates: int  # ceil(total_steps / batch_size); the last update may overshoot total_steps
+    hidden: tuple[int, ...]
+
+
+def sizes(cfg: ControlConfig) -> Sizes:
+    """Derived batch sizes and number of updates for ``cfg``."""
+    batch = cfg.num_envs * cfg.rollout_steps
+    return Sizes(
+        batch_size=batch,
+        minibatch_size=batch // cfg.num_minibatches,
+        num_updates=max(1, math.ceil(cfg.total_steps / batch)),
+        hidden=parse_hidden_sizes(cfg.hidden_sizes),
+    )
+
+
+def replace(cfg: ControlConfig, **changes) -> ControlConfig:
+    """A validated copy of ``cfg`` with ``changes`` applied."""
+    return dataclasses.replace(cfg, **changes)

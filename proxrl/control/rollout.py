@@ -1,0 +1,154 @@
+"""Collecting rollouts from a NEXT_STEP vector env into preallocated tensors.
+
+Layout (``T = rollout_steps``, ``N = num_envs``), all tensors allocated once and reused every update:
+
+* ``obs[t]`` ``(T+1, N, obs_dim)``: the (normalised) observation the action at ``t`` was chosen from;
+  ``obs[T]`` is the observation after the last step (carried over to ``obs[0]`` of the next rollout).
+* ``actions[t]`` ``(T, N)`` int64 or ``(T, N, d)`` float32: the **raw** sampled action (Box actions are
+  clipped only in the copy sent to the env), ``logprobs[t]``, ``values[t] = V(obs[t])`` ``(T+1, N)``.
+* ``rewards[t]``, ``terminated[t]``, ``truncated[t]``: the env's answer to that action (rewards scaled when
+  ``norm_reward``).
+* ``valid[t]``: False for a NEXT_STEP *reset step* (the env ignored the action and only reset); such
+  entries are masked out of every loss.
+
+In NEXT_STEP mode the observation returned on a done step is the true final observation, so the bootstrap
+value of step ``t`` is simply ``next_values[t] = values[t + 1]`` -- for truncation this is
+``V(final observation)``, and :func:`proxrl.core.gae` ignores it on termination.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+
+from proxrl.control.envs import SpaceInfo
+from proxrl.control.policy import ActorCritic
+from proxrl.control.running_stats import ObsNormalizer, RewardScaler
+
+__all__ = ["Rollout", "Collector"]
+
+
+@dataclass
+class Rollout:
+    """Views of one rollout (see the module docstring for shapes)."""
+
+    obs: Tensor  # (T, N, obs_dim)
+    actions: Tensor  # (T, N) or (T, N, d)
+    logprobs: Tensor  # (T, N)
+    values: Tensor  # (T, N)
+    next_values: Tensor  # (T, N)
+    rewards: Tensor  # (T, N)
+    terminated: Tensor  # (T, N) bool
+    truncated: Tensor  # (T, N) bool
+    valid: Tensor  # (T, N) bool
+    episode_returns: list[float]  # raw (unscaled) returns of the episodes that ended in this rollout
+    episode_lengths: list[int]
+
+
+class Collector:
+    """Steps ``venv`` with a policy and fills the rollout buffers."""
+
+    def __init__(
+        self,
+        venv: gym.vector.VectorEnv,
+        info: SpaceInfo,
+        rollout_steps: int,
+        obs_norm: ObsNormalizer,
+        reward_scaler: RewardScaler,
+        generator: torch.Generator,
+    ) -> None:
+        self.venv = venv
+        self.info = info
+        self.T = rollout_steps
+        self.N = n = venv.num_envs
+        self.obs_norm = obs_norm
+        self.reward_scaler = reward_scaler
+        self.generator = generator
+        t = rollout_steps
+        self.obs = torch.zeros((t + 1, n, info.obs_dim), dtype=torch.float32)
+        if info.discrete:
+            self.actions = torch.zeros((t, n), dtype=torch.int64)
+        else:
+            self.actions = torch.zeros((t, n, info.action_dim), dtype=torch.float32)
+        self.logprobs = torch.zeros((t, n))
+        self.values = torch.zeros((t + 1, n))
+        self.rewards = torch.zeros((t, n))
+        self.terminated = torch.zeros((t, n), dtype=torch.bool)
+        self.truncated = torch.zeros((t, n), dtype=torch.bool)
+        self.valid = torch.ones((t, n), dtype=torch.bool)
+        # numpy views sharing memory with the tensors above
+        self._obs_np = self.obs.numpy()
+        self._rew_np = self.rewards.numpy()
+        self._term_np = self.terminated.numpy()
+        self._trunc_np = self.truncated.numpy()
+        self._valid_np = self.valid.numpy()
+        self._prev_done = np.zeros(n, dtype=bool)  # env i resets on its next step (NEXT_STEP)
+        self._ep_return = np.zeros(n, dtype=np.float64)
+        self._ep_length = np.zeros(n, dtype=np.int64)
+        self._fresh = False
+
+    def reset(self, seed: int) -> None:
+        """Reset all envs with ``seed`` (sub-env ``i`` gets ``seed + i`` in sync/async mode); drop partial episodes."""
+        obs, _ = self.venv.reset(seed=seed)
+        self.obs_norm(obs, self._obs_np[0], update=True)
+        self._prev_done[:] = False
+        self._ep_return[:] = 0.0
+        self._ep_length[:] = 0
+        self.reward_scaler.reset_returns()
+        self._fresh = True
+
+    def collect(self, policy: ActorCritic) -> Rollout:
+        """Run ``T`` vector steps with ``policy`` (sampling with ``self.generator``) and return the rollout."""
+        if not self._fresh:
+            self.obs[0].copy_(self.obs[self.T])
+        self._fresh = False
+        venv, obs_norm, scaler, gen = self.venv, self.obs_norm, self.reward_scaler, self.generator
+        clip_low, clip_high = self.info.action_low, self.info.action_high
+        obs_t, obs_np, rew_np = self.obs, self._obs_np, self._rew_np
+        term_np, trunc_np, valid_np = self._term_np, self._trunc_np, self._valid_np
+        prev_done, ep_return, ep_length = self._prev_done, self._ep_return, self._ep_length
+        ep_returns: list[float] = []
+        ep_lengths: list[int] = []
+        with torch.inference_mode():
+            for t in range(self.T):
+                action, logprob, value = policy.act(obs_t[t], gen)
+                self.actions[t] = action
+                self.logprobs[t] = logprob
+                self.values[t] = value
+                env_action = action.numpy()
+                if clip_low is not None:
+                    env_action = np.clip(env_action, clip_low, clip_high)
+                next_obs, reward, terminated, truncated, _ = venv.step(env_action)
+                valid = ~prev_done
+                valid_np[t] = valid
+                term_np[t] = terminated
+                trunc_np[t] = truncated
+                done = terminated | truncated
+                ep_return += reward
+                ep_length += valid
+                if done.any():
+                    idx = np.flatnonzero(done)
+                    ep_returns.extend(ep_return[idx].tolist())
+                    ep_lengths.extend(ep_length[idx].tolist())
+                    ep_return[idx] = 0.0
+                    ep_length[idx] = 0
+                rew_np[t] = scaler(reward, done, valid)
+                obs_norm(next_obs, obs_np[t + 1], update=True)
+                prev_done[:] = done
+            self.values[self.T] = policy.value(obs_t[self.T])
+        return Rollout(
+            obs=self.obs[: self.T],
+            actions=self.actions,
+            logprobs=self.logprobs,
+            values=self.values[: self.T],
+            next_values=self.values[1:],
+            rewards=self.rewards,
+            terminated=self.terminated,
+            truncated=self.truncated,
+            valid=self.valid,
+            episode_returns=ep_returns,
+            episode_lengths=ep_lengths,
+        )
