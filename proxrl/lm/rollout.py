@@ -120,15 +120,32 @@ def response_forward(
     if isinstance(model, PolicyWithValueHead):
         logits, all_values = model(input_ids, attention_mask, pos)
         values = all_values[:, prompt_len - 1 : -1].float()
+        logits = logits[:, prompt_len - 1 : -1]
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
-    logits = logits[:, prompt_len - 1 : -1]
+        kw = {}
+        if _accepts_logits_to_keep(model):
+            # the LM head only at the R + 1 last positions: prompt positions' logits are never needed
+            kw["logits_to_keep"] = input_ids.shape[1] - prompt_len + 1
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                       **kw).logits
+        logits = logits[:, -(input_ids.shape[1] - prompt_len + 1) : -1]
     logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:], temperature)
     entropy = None
     if want_entropy:  # without entropy_grad no (B, R, V) softmax is kept for backward (entropy only logged)
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_from_logits(logits.float() / temperature)
     return logprobs, values, entropy
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    from proxrl.lm.models import _unwrap
+
+    try:
+        return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def critic_values(critic: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
