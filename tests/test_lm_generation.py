@@ -9,7 +9,7 @@ import torch
 
 from proxrl.errors import UserError
 from proxrl.lm import models as M
-from proxrl.lm.generation import _filter_logits, generate
+from proxrl.lm.generation import _filter_logits, _sample, generate
 
 torch.set_num_threads(1)
 
@@ -129,6 +129,16 @@ def test_filter_logits():
     assert torch.isfinite(_filter_logits(logits.clone(), 0, 0.7)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(_filter_logits(logits.clone(), 0, 0.5)).tolist() == [[True, False, False, False]]
     assert torch.isfinite(_filter_logits(logits.clone(), 0, 0.96)).tolist() == [[True, True, True, True]]
+
+
+def test_inverse_cdf_sampler():
+    probs = torch.tensor([[0.5, 0.3, 0.0, 0.2]]).repeat(20000, 1) * 3.0  # unnormalised is fine
+    draws = _sample(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert freq[2] == 0
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.0, 0.2]), atol=0.015)
+    with pytest.raises(UserError):
+        _sample(torch.tensor([[float("nan"), 1.0]]), None)
 
 
 def test_sampling_distribution(model, tok):
