@@ -186,3 +186,23 @@ def test_bad_arguments(model, batch):
     for kw in (dict(max_new_tokens=0), dict(max_new_tokens=2, top_p=0.0), dict(max_new_tokens=2, temperature=-1)):
         with pytest.raises(UserError):
             generate(model, ids, mask, **kw)
+
+
+def test_generate_with_lora_policy(tok, batch):
+    ids, mask = batch
+    policy = M.apply_lora(M.build_tiny_gpt2(tok, 2, 32, 2, seed=4), r=2).train()
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    out = generate(policy, ids, mask, max_new_tokens=6, temperature=0.9, generator=torch.Generator().manual_seed(0))
+    assert policy.training  # mode restored
+    with torch.no_grad():
+        assert torch.allclose(out.logprobs, recompute(policy, out, 0.9), atol=1e-5)
+        with M.reference_context(policy) as ref:
+            ref_greedy = generate(ref, ids, mask, max_new_tokens=6, temperature=0.0)
+        tuned_greedy = generate(policy, ids, mask, max_new_tokens=6, temperature=0.0)
+        with policy.disable_adapter():
+            plain = generate(policy, ids, mask, max_new_tokens=6, temperature=0.0)
+    assert torch.equal(ref_greedy.sequences, plain.sequences)
+    assert not torch.equal(tuned_greedy.sequences, plain.sequences)  # the adapters do change the policy
