@@ -246,23 +246,19 @@ class PPOTrainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.run_dir = RunDir(cfg.run_dir)
+        # check everything that can be checked before the run directory is created, so a bad input never
+        # leaves behind a run directory that can be neither resumed nor reused
         start_ckpt = None
         if resume:
             if not self.run_dir.has_run():
                 raise UserError(f"cannot resume {cfg.run_dir!r}: it holds no run (no config.yaml)")
             start_ckpt = latest_checkpoint(self.run_dir)
             if start_ckpt is None:
-                raise UserError(f"cannot resume {cfg.run_dir!r}: it has no complete checkpoint; start a new run")
-            self.run_dir.create(exist_ok=True)
-        else:
-            self.run_dir.create(exist_ok=False)
+                raise UserError(f"cannot resume {cfg.run_dir!r}: it has no complete checkpoint; delete it and "
+                                f"start a new run")
+        elif self.run_dir.has_run():
+            self.run_dir.create(exist_ok=False)  # raises the "already exists; pass --resume" error
         self.prompts = load_prompts(cfg, prompts, self.run_dir)
-        if prompts is not None and not resume:
-            from proxrl.runs import atomic_write
-
-            atomic_write(self.run_dir.path / PROMPTS_FILE, "".join(json.dumps({"prompt": p}) + "\n" for p in self.prompts))
-        self.run_dir.write_config(to_dict(cfg))
-
         if not cfg.policy:
             raise UserError("no policy: give --policy DIR (a causal LM saved with save_pretrained)")
         torch.manual_seed(cfg.seed)  # heads / LoRA init
@@ -295,6 +291,14 @@ class PPOTrainer:
         policy.eval()
         self.models = ModelSet(policy=policy, ref=ref, critic=critic)
         self.score_fn = _make_scorer(cfg, tok, reward_fn)
+
+        self.run_dir.create(exist_ok=resume)
+        if prompts is not None and not resume:
+            from proxrl.runs import atomic_write
+
+            text = "".join(json.dumps({"prompt": p}) + "\n" for p in self.prompts)
+            atomic_write(self.run_dir.path / PROMPTS_FILE, text)
+        self.run_dir.write_config(to_dict(cfg))
 
         # optimizer: one AdamW, a param group per model (policy incl. a shared-trunk value head gets the
         # policy lr for the trunk and the critic lr for the head)
