@@ -33,8 +33,13 @@ class Evaluator:
     def close(self) -> None:
         self.venv.close()
 
-    def evaluate(self, policy: ActorCritic, obs_norm: ObsNormalizer, seed: int) -> dict:
-        """``{"mean_return", "std_return", "returns", "lengths"}`` over ``self.episodes`` greedy episodes."""
+    def evaluate(
+        self, policy: ActorCritic, obs_norm: ObsNormalizer, seed: int, record: list[np.ndarray] | None = None
+    ) -> dict:
+        """``{"mean_return", "std_return", "returns", "lengths"}`` over ``self.episodes`` greedy episodes.
+
+        ``record``: if a list, the raw observations ``(k, obs_dim)`` of the counted episodes are appended to it.
+        """
         returns: list[float] = []
         lengths: list[int] = []
         info: SpaceInfo = self.info
@@ -48,6 +53,8 @@ class Evaluator:
             finished = np.zeros(n, dtype=bool)
             steps = 0
             while not finished[:need].all():
+                if record is not None:
+                    record.append(obs[:need][~finished[:need]].copy())
                 obs_norm(obs, self._obs, update=False)
                 action = policy.deterministic_action(torch.from_numpy(self._obs)).numpy()
                 if info.action_low is not None:

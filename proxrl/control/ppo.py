@@ -19,12 +19,24 @@ batch before the epochs, so each epoch splits the ``B' <= num_envs * rollout_ste
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from proxrl.control.config import ControlConfig
 from proxrl.control.policy import ActorCritic
 from proxrl.control.rollout import Rollout
 from proxrl.core import explained_variance, gae, normalize, policy_loss, value_loss
 
-__all__ = ["ppo_update"]
+__all__ = ["ppo_update", "compute_advantages"]
+
+
+def compute_advantages(rollout: Rollout, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """GAE advantages and lambda-returns ``(T, N)`` of a rollout.
+
+    ``next_values[t] = V(obs[t + 1])`` is the value of the true next observation (NEXT_STEP returns the
+    final observation on a done step), so a truncated step bootstraps from ``V(final obs)`` and a
+    terminated one from 0 (``core.gae`` multiplies by ``1 - terminated``).
+    """
+    return gae(rollout.rewards, rollout.values, rollout.next_values, rollout.terminated, rollout.truncated, gamma, lam)
 
 
 def ppo_update(
@@ -42,15 +54,7 @@ def ppo_update(
     ``.grad`` holds every parameter's gradient.
     """
     # 1. GAE over the (T, N) rollout, then flatten to a batch of T * N transitions.
-    advantages, returns = gae(
-        rollout.rewards,
-        rollout.values,
-        rollout.next_values,
-        rollout.terminated,
-        rollout.truncated,
-        cfg.gamma,
-        cfg.gae_lambda,
-    )
+    advantages, returns = compute_advantages(rollout, cfg.gamma, cfg.gae_lambda)
     b_obs = rollout.obs.reshape(-1, rollout.obs.shape[-1])
     b_actions = rollout.actions.reshape((-1,) + rollout.actions.shape[2:])
     b_logprobs = rollout.logprobs.reshape(-1)

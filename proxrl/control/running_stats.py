@@ -34,15 +34,15 @@ class RunningMeanStd:
         b_var = batch.var(axis=0, dtype=np.float64)
         delta = b_mean - self.mean
         total = self.count + n
-        self.mean = self.mean + delta * (n / total)
+        self.mean = np.asarray(self.mean + delta * (n / total))
         m2 = self.var * self.count + b_var * n + delta * delta * (self.count * n / total)
-        self.var = m2 / total
+        self.var = np.asarray(m2 / total)
         self.count = total
 
     def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {
-            f"{prefix}.mean": torch.from_numpy(self.mean.copy()),
-            f"{prefix}.var": torch.from_numpy(self.var.copy()),
+            f"{prefix}.mean": torch.tensor(np.asarray(self.mean, np.float64)),
+            f"{prefix}.var": torch.tensor(np.asarray(self.var, np.float64)),
             f"{prefix}.count": torch.tensor([self.count], dtype=torch.float64),
         }
 

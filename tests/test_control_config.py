@@ -1,0 +1,74 @@
+"""ControlConfig validation, presets and env id suggestions."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from proxrl.config import from_dict
+from proxrl.control import PRESETS, ControlConfig, sizes
+from proxrl.errors import UserError
+
+
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"learning_rate": 0.0}, "learning_rate=0.0"),
+        ({"learning_rate": -1e-3}, "learning_rate=-0.001"),
+        ({"clip_coef": 0.0}, "clip_coef=0.0"),
+        ({"gamma": 0.0}, "gamma=0.0"),
+        ({"gamma": 1.5}, "gamma=1.5"),
+        ({"gae_lambda": 1.01}, "gae_lambda=1.01"),
+        ({"gae_lambda": -0.1}, "gae_lambda=-0.1"),
+        ({"epochs": 0}, "epochs=0"),
+        ({"num_envs": 2, "rollout_steps": 4, "num_minibatches": 16}, "num_minibatches=16"),
+        ({"num_envs": 3, "rollout_steps": 5, "num_minibatches": 2}, "not divisible"),
+        ({"num_envs": 0}, "num_envs=0"),
+        ({"rollout_steps": 0}, "rollout_steps=0"),
+        ({"total_steps": 0}, "total_steps=0"),
+        ({"target_kl": 0.0}, "target_kl=0.0"),
+        ({"clip_value_coef": -0.2}, "clip_value_coef=-0.2"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm=-1.0"),
+        ({"entropy_coef": -0.01}, "entropy_coef=-0.01"),
+        ({"hidden_sizes": "64,x"}, "hidden_sizes='64,x'"),
+        ({"hidden_sizes": "64,0"}, "hidden_sizes='64,0'"),
+        ({"eval_episodes": 0}, "eval_episodes=0"),
+        ({"threads": 0}, "threads=0"),
+        ({"lr_schedule": "cosine"}, "lr_schedule='cosine'"),
+        ({"vector_mode": "gpu"}, "vector_mode='gpu'"),
+    ],
+)
+def test_bad_config_raises_one_line_user_error(changes, needle):
+    with pytest.raises(UserError) as info:
+        ControlConfig(**changes)
+    message = str(info.value)
+    assert needle in message and "\n" not in message
+
+
+def test_unknown_env_id_suggests_close_matches():
+    with pytest.raises(UserError, match="did you mean 'CartPole-v1'"):
+        ControlConfig(env_id="CartPol-v1")
+    with pytest.raises(UserError, match="unknown Gymnasium env id 'NoSuchThing-v9'"):
+        ControlConfig(env_id="NoSuchThing-v9")
+
+
+def test_presets_are_valid_configs():
+    for env_id, preset in PRESETS.items():
+        cfg = from_dict(ControlConfig, preset)
+        assert cfg.env_id == env_id
+        assert sizes(cfg).batch_size % cfg.num_minibatches == 0
+    cp = ControlConfig(**PRESETS["CartPole-v1"])
+    assert (cp.num_envs, cp.rollout_steps, cp.num_minibatches, cp.epochs) == (8, 32, 1, 20)
+    assert (cp.gamma, cp.gae_lambda, cp.learning_rate, cp.lr_schedule, cp.clip_schedule) == (0.98, 0.8, 1e-3, "linear", "linear")
+
+
+def test_every_field_has_help_text():
+    for f in dataclasses.fields(ControlConfig):
+        assert len(f.metadata.get("help", "")) > 20, f.name
+
+
+def test_sizes_are_derived_not_written_back():
+    cfg = ControlConfig(num_envs=8, rollout_steps=32, num_minibatches=4, total_steps=1000)
+    s = sizes(cfg)
+    assert (s.batch_size, s.minibatch_size, s.num_updates) == (256, 64, 4)
+    assert not hasattr(cfg, "batch_size")
