@@ -70,7 +70,7 @@ def count_a(prompts, completions):
 def _cfg(policy_dir: Path, run_dir: Path, **kw) -> PPOConfig:
     base = dict(policy=str(policy_dir), run_dir=str(run_dir), total_updates=3, rollout_size=8, group_size=1,
                 minibatch_size=4, epochs=2, learning_rate=3e-3, max_new_tokens=8, temperature=0.7,
-                sample_every=0, checkpoint_every=0, kl_coef=0.01, value_coef=0.5, seed=0)
+                sample_every=0, checkpoint_every=0, kl_coef=0.01, value_coef=0.5, seed=0, plot=False)
     base.update(kw)
     return PPOConfig(**base)
 
@@ -218,7 +218,7 @@ def test_rollout_logprobs_match_full_forward_at_sampling_temperature(policy_dir)
 
 
 def test_ratio_is_one_on_first_minibatch_of_every_update(policy_dir, tmp_path):
-    cfg = _cfg(policy_dir, tmp_path / "run", total_updates=3, temperature=0.7, epochs=2)
+    cfg = _cfg(policy_dir, tmp_path / "run", total_updates=3, temperature=0.7, epochs=2, plot=True)
     _train(cfg)
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 3

@@ -540,12 +540,13 @@ class PPOTrainer:
         finally:
             bar.close()
             logger.close()
-        try:
+        if cfg.plot:
             from proxrl.lm.plots import plot_run
 
-            plot_run(self.run_dir)
-        except UserError:
-            pass
+            try:
+                plot_run(self.run_dir)
+            except UserError:  # no metrics (resumed a finished run)
+                pass
         return last
 
     def _one_update(self) -> dict[str, float]:

@@ -78,6 +78,7 @@ class PPOConfig:
     sample_rows: int = opt(4, "rows in each sample table")
     checkpoint_every: int = opt(50, "save a checkpoint every N updates (and always at the end); 0 = only at the end")
     keep_checkpoints: int = opt(2, "keep the newest N checkpoints")
+    plot: bool = opt(True, "draw PNG plots of the metrics into run_dir/plots at the end (also: proxrl plot RUN_DIR)")
     trust_remote_code: bool = opt(False, "allow model code shipped in a model directory (off: only built-in architectures)")
 
     def __post_init__(self) -> None:
