@@ -411,7 +411,9 @@ class PPOTrainer:
                         f"{self.last_good or 'none yet'} (lower --learning-rate or check the reward)")
 
     def _train_on(self, ro: Rollout) -> dict[str, float]:
-        cfg, sizes, models = self.cfg, self.sizes, self.models
+        """``epochs`` x shuffled minibatches; each minibatch is ``grad_accum_steps`` micro-batches whose losses
+        (token means over each micro-batch) are averaged into one optimizer step."""
+        cfg, sizes = self.cfg, self.sizes
         kl_coef = self.kl_ctl.coef
         bsz = ro.input_ids.shape[0]
         stats: dict[str, list[float]] = {k: [] for k in
@@ -437,7 +439,7 @@ class PPOTrainer:
                 if cfg.target_kl is not None and acc["policy_kl"] > cfg.target_kl:
                     early_stop = True  # skip this step and the rest of the update (SB3-style early stop)
                     break
-                gn = self._clip(self._policy_params_all(), "policy gradient")
+                gn = self._clip(self._policy_params, "policy gradient")
                 cgn = self._clip(self._critic_params, "critic gradient") if self._critic_params else 0.0
                 self.optimizer.step()
                 steps += 1
@@ -455,9 +457,6 @@ class PPOTrainer:
         out["epochs_done"] = float(epochs_done)
         out["optimizer_steps"] = float(steps)
         return out
-
-    def _policy_params_all(self) -> list[nn.Parameter]:
-        return self._policy_params
 
     def _clip(self, params: list[nn.Parameter], what: str) -> float:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
