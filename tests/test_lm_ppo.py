@@ -411,3 +411,29 @@ def test_cli_style_resume_reads_prompts_and_reward_spec_from_run(policy_dir, tmp
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["policy_loss"]) for r in rows)
     with pytest.raises(UserError, match="already"):
         train_ppo(cfg, prompts=PROMPTS, progress=False)
+
+
+def test_score_shaping_and_kl_in_reward():
+    from proxrl.lm.ppo import compute_advantages
+    from proxrl.lm.rollout import Rollout
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.float32)
+    lp = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0], [-0.5, 0.0, 0.0]])
+    ref = lp - 0.1 * mask  # k1 = +0.1 on every response token
+    ro = Rollout(input_ids=torch.zeros(3, 5, dtype=torch.long), attention_mask=torch.ones(3, 5, dtype=torch.long),
+                 prompt_len=2, response_mask=mask, logprobs=lp, ref_logprobs=ref, values=torch.zeros(3, 3),
+                 scores=torch.tensor([1.0, 5.0, -5.0]), finished=torch.tensor([True, False, True]),
+                 prompts=["a"] * 3, completions=["b"] * 3)
+    cfg = PPOConfig(rollout_size=3, minibatch_size=3, reward_clip=2.0, missing_eos_penalty=1.0, length_penalty=0.1,
+                    kl_coef=0.5, gamma=1.0, gae_lambda=1.0, normalize_advantages=False)
+    stats = compute_advantages(ro, cfg, PPOSizes.from_config(cfg), kl_coef=0.5)
+    torch.testing.assert_close(ro.shaped_scores, torch.tensor([1.0 - 0.2, 2.0 - 1.0 - 0.3, -2.0 - 0.1]))
+    expect = -0.05 * mask
+    expect[0, 1] += 0.8
+    expect[1, 2] += 0.7
+    expect[2, 0] += -2.1
+    torch.testing.assert_close(ro.rewards, expect)
+    # gamma = lambda = 1 and V = 0: the advantage is the reward-to-go
+    torch.testing.assert_close(ro.advantages, expect.flip(1).cumsum(1).flip(1) * mask)
+    assert math.isclose(stats["ref_kl"], (0.2 + 0.3 + 0.1) / 3, rel_tol=1e-5)
+    assert math.isclose(stats["eos_rate"], 2 / 3, rel_tol=1e-6)
