@@ -1,7 +1,7 @@
 """What a control checkpoint holds, and rebuilding a trained agent from a run directory.
 
-Tensors (``model.safetensors``): ``policy.*`` (network weights), ``optim.<i>.<key>`` (Adam state per
-optimizer parameter; one flat parameter, see :mod:`.flat_params`), ``obs_rms.*`` / ``ret_rms.*`` (float64 running stats, when
+Tensors (``model.safetensors``): ``policy.*`` (network weights), ``optim.exp_avg/exp_avg_sq`` (Adam moments
+of the flat parameter, see :mod:`.flat_params` and :mod:`.adam`), ``obs_rms.*`` / ``ret_rms.*`` (float64 running stats, when
 enabled), ``space.action_low/high`` (Box bounds) and ``rng.*`` (global python/numpy/torch RNG state).
 State (``state.json``): counters (``global_step``, ``update``, ``env_epoch``, ``train_seconds``), the
 sampling generator's state, the scalar RNG parts, the space summary and the config.
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from proxrl.config import from_dict, to_dict
+from proxrl.control.adam import FlatAdam
 from proxrl.control.config import ControlConfig, parse_hidden_sizes
 from proxrl.control.envs import SpaceInfo
 from proxrl.control.policy import ActorCritic
@@ -47,7 +48,7 @@ def pack(
     cfg: ControlConfig,
     info: SpaceInfo,
     policy: ActorCritic,
-    optimizer: torch.optim.Optimizer,
+    optimizer: FlatAdam,
     obs_norm: ObsNormalizer,
     reward_scaler: RewardScaler,
     generator: torch.Generator,
@@ -55,12 +56,7 @@ def pack(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Everything needed to resume training exactly, as ``(tensors, json_state)`` for ``runs.save_checkpoint``."""
     tensors: dict[str, torch.Tensor] = {f"policy.{k}": v for k, v in policy.state_dict().items()}
-    opt_params = [p for group in optimizer.param_groups for p in group["params"]]
-    for i, p in enumerate(opt_params):
-        for key, value in optimizer.state.get(p, {}).items():
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"optimizer state {key!r} is not a tensor")
-            tensors[f"optim.{i}.{key}"] = value
+    tensors.update(optimizer.state_tensors())
     tensors.update(obs_norm.state_tensors())
     tensors.update(reward_scaler.state_tensors())
     space_tensors, space = _space_state(info)
@@ -69,6 +65,7 @@ def pack(
     tensors.update(rng_tensors)
     state = {
         **counters,
+        "optim_steps": optimizer.step_count,
         "generator": generator_state(generator),
         "rng": rng,
         "space": space,
@@ -81,19 +78,14 @@ def restore(
     tensors: dict[str, torch.Tensor],
     state: dict[str, Any],
     policy: ActorCritic,
-    optimizer: torch.optim.Optimizer,
+    optimizer: FlatAdam,
     obs_norm: ObsNormalizer,
     reward_scaler: RewardScaler,
     generator: torch.Generator,
 ) -> None:
     """Inverse of :func:`pack` (counters are read from ``state`` by the caller)."""
     policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
-            opt_state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
+    optimizer.load_state(tensors, state["optim_steps"])
     obs_norm.load_state_tensors(tensors)
     reward_scaler.load_state_tensors(tensors)
     set_generator_state(generator, state["generator"])

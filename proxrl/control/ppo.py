@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from proxrl.control.adam import FlatAdam, clip_grad_norm
 from proxrl.control.config import ControlConfig
 from proxrl.control.policy import ActorCritic
 from proxrl.control.rollout import Rollout
@@ -41,7 +42,7 @@ def compute_advantages(rollout: Rollout, gamma: float, lam: float) -> tuple[Tens
 
 def ppo_update(
     policy: ActorCritic,
-    optimizer: torch.optim.Optimizer,
+    optimizer: FlatAdam,
     flat_param: torch.nn.Parameter,
     rollout: Rollout,
     cfg: ControlConfig,
@@ -94,7 +95,7 @@ def ppo_update(
             flat_param.grad.zero_()
             loss.backward()
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(flat_param, cfg.max_grad_norm)
+                clip_grad_norm(flat_param.grad, cfg.max_grad_norm)
             optimizer.step()
 
             n_minibatches += 1

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from proxrl.config import from_dict, to_dict
+from proxrl.control.adam import FlatAdam
 from proxrl.control.checkpointing import build_policy, pack, restore
 from proxrl.control.config import ControlConfig, sizes
 from proxrl.control.envs import EnvFactory, derive_seed, make_vector_env
@@ -116,7 +117,7 @@ def train(
     try:
         policy = build_policy(cfg, info)
         flat_param = flatten_parameters(policy)  # one tensor for Adam, clipping and zeroing (speed)
-        optimizer = torch.optim.Adam([flat_param], lr=cfg.learning_rate, eps=1e-5, fused=True)
+        optimizer = FlatAdam(flat_param, lr=cfg.learning_rate, eps=1e-5)
         obs_norm = ObsNormalizer(info.obs_dim, cfg.norm_obs, cfg.obs_clip)
         reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.norm_reward, cfg.reward_clip)
         collector = Collector(venv, info, cfg.rollout_steps, obs_norm, reward_scaler, generator)
@@ -150,8 +151,7 @@ def train(
             frac_done = (update - 1) / sz.num_updates
             lr = lr_at(frac_done)
             clip_coef = clip_at(frac_done)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.lr = lr
 
             rollout = collector.collect(policy)
             prev_step = counters["global_step"]
