@@ -48,19 +48,23 @@ class GenerationOutput:
 
 
 def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Top-k then nucleus filtering of (B, V) (tempered) logits: removed entries become -inf (in place)."""
+    """Top-k then nucleus (top-p) filtering of (B, V) tempered logits -> new (B, V) with removed entries -inf.
+
+    Nucleus is computed on the top-k-renormalised distribution (the HF warper order); a token is dropped when
+    the probability mass of the tokens ranked before it already reaches ``top_p`` (the top token always stays).
+    Only the k kept entries are sorted when top-k is on.
+    """
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits.masked_fill_(logits < kth, float("-inf"))
+        vals, idx = torch.topk(logits, top_k, dim=-1)  # sorted, descending
+    elif top_p < 1.0:
+        vals, idx = torch.sort(logits, dim=-1, descending=True)
+    else:
+        return logits.clone()
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
-        remove_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
-        logits.masked_fill_(remove, float("-inf"))
-    return logits
+        probs = vals.softmax(-1)
+        vals = vals.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, idx, vals)
 
 
 def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -181,7 +185,7 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
                     scaled = logits / temperature if temperature != 1.0 else logits
                     lp_all = torch.log_softmax(scaled, dim=-1)
                     if top_k or top_p < 1.0:
-                        probs = _filter_logits(scaled.clone(), top_k, top_p).softmax(-1)
+                        probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
                     else:
                         probs = lp_all.exp()
                     tok = _sample(probs, generator)
