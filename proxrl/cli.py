@@ -74,20 +74,14 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    run = Path(args.run_dir)
-    if not run.is_dir():
-        raise UserError(f"run directory {str(run)!r} does not exist")
-    if (run / "ppo_state").exists() or (run / "policy").is_dir() and not (run / "checkpoints").exists():
-        from proxrl.lm.plots import plot_run as lm_plot
+    from proxrl.runs import RunDir
 
-        paths = lm_plot(run)
+    saved = RunDir(args.run_dir).read_config()  # UserError if the run directory or its config is missing
+    if "env_id" in saved:
+        from proxrl.control import plot_run
     else:
-        try:
-            from proxrl.control import plot_run
-        except ImportError:  # LM-only install
-            from proxrl.lm.plots import plot_run
-        paths = plot_run(run)
-    for p in paths:
+        from proxrl.lm.plots import plot_run
+    for p in plot_run(args.run_dir):
         print(p)
 
 
