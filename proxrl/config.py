@@ -84,14 +84,18 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
         if typing.get_origin(tp) is typing.Literal:
-            help_text += f" Choices: {', '.join(map(str, typing.get_args(tp)))}."
+            metavar = "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+        else:
+            metavar = getattr(tp, "__name__", "VALUE").upper()
+        if "(default:" not in help_text:
+            help_text = f"{help_text} (default: {default})"
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
             type=_converter(tp, optional),
             default=argparse.SUPPRESS,
-            metavar=f.metadata.get("metavar", getattr(tp, "__name__", "VALUE").upper() if tp is not typing.Any else "VALUE"),
-            help=f"{help_text} (default: {default})",
+            metavar=f.metadata.get("metavar", metavar),
+            help=help_text,
         )
 
 
