@@ -106,7 +106,8 @@ def _ppo(args: argparse.Namespace) -> None:
         from proxrl.runs import RunDir
 
         run = RunDir(args.resume)
-        cfg = C.from_dict(PPOConfig, run.read_config(), source=str(run.config_path))
+        overrides = {k: v for k, v in vars(args).items() if k == "total_updates"}  # extend a run; nothing else
+        cfg = C.from_dict(PPOConfig, {**run.read_config(), **overrides}, source=str(run.config_path))
         train_ppo(cfg, resume=True)
         return
     train_ppo(C.build(PPOConfig, args))
@@ -186,7 +187,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("env_id", nargs="?", metavar="ENV_ID", help="Gymnasium environment id, e.g. CartPole-v1")
     p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/ENV_seedS_TIMESTAMP)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue RUN_DIR from its last checkpoint (exactly as if never interrupted)")
+                   help="continue RUN_DIR from its last checkpoint (exactly as if never interrupted); "
+                        "its saved config is used, --total-steps may extend it")
     p.add_argument("--no-preset", action="store_true", help="ignore the tuned preset for ENV_ID; use plain defaults")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -204,7 +206,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         ("proxrl.lm.reward_model", "RewardModelConfig") if want("reward-model") else None)
     p = add("ppo", _ppo, "PPO fine-tuning of a causal LM against a reward model or reward function (RLHF).",
             ("proxrl.lm.ppo_config", "PPOConfig") if want("ppo") else None)
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue RUN_DIR from its last checkpoint with its saved config (--total-updates may raise it)")
 
     p = add("generate", _generate, "Sample completions from a saved causal LM directory.", config_flag=False)
     p.add_argument("model_dir", metavar="MODEL_DIR")
