@@ -53,7 +53,7 @@ def _policy_with_value(info, value_bias=10.0, init_log_std=0.0):
 def _collect(factory, steps, num_envs=1, init_log_std=0.0):
     venv, info = make_vector_env("custom", num_envs, "sync", factory)
     pol = _policy_with_value(info, init_log_std=init_log_std)
-    col = Collector(venv, info, steps, ObsNormalizer(1, False), RewardScaler(num_envs, 0.5, False), torch.Generator().manual_seed(0))
+    col = Collector(venv, info, steps, ObsNormalizer(1, False), RewardScaler(num_envs, 0.5, False), np.random.default_rng(0))
     col.reset(seed=0)
     ro = col.collect(pol)
     ro.policy = pol
@@ -137,3 +137,26 @@ class _SpaceEnv(gym.Env):
 def test_unsupported_spaces_raise_user_error(obs_space, act_space, name):
     with pytest.raises(UserError, match=f"unsupported .*space {name}"):
         make_vector_env("custom", 1, "sync", lambda: _SpaceEnv(obs_space, act_space))
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_numpy_rollout_policy_matches_torch_policy(discrete):
+    from proxrl.control.policy import NumpyPolicy
+
+    torch.manual_seed(0)
+    pol = ActorCritic(5, 3, discrete, (16, 16), "tanh", -0.3)
+    with torch.no_grad():  # make the actor far from uniform
+        pol.actor[-1].weight.mul_(200.0)
+    obs = torch.randn(4000, 5)
+    fast = NumpyPolicy(pol)
+    action, logp, value = fast.act(obs.numpy(), np.random.default_rng(0))
+    ref_logp, _, ref_value = pol.evaluate(obs, torch.from_numpy(np.asarray(action)))
+    assert np.allclose(logp, ref_logp.detach().numpy(), atol=1e-4)
+    assert np.allclose(value, ref_value.detach().numpy(), atol=1e-5)
+    if discrete:  # sampled frequencies follow the policy's probabilities
+        probs = pol.action_probs(obs).mean(0).numpy()
+        freq = np.bincount(action, minlength=3) / len(action)
+        assert np.allclose(freq, probs, atol=0.03)
+    else:
+        z = (action - pol.actor(obs).detach().numpy()) / np.exp(-0.3)
+        assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05

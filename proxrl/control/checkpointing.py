@@ -4,7 +4,7 @@ Tensors (``model.safetensors``): ``policy.*`` (network weights), ``optim.exp_avg
 of the flat parameter, see :mod:`.flat_params` and :mod:`.adam`), ``obs_rms.*`` / ``ret_rms.*`` (float64 running stats, when
 enabled), ``space.action_low/high`` (Box bounds) and ``rng.*`` (global python/numpy/torch RNG state).
 State (``state.json``): counters (``global_step``, ``update``, ``env_epoch``, ``train_seconds``), the
-sampling generator's state, the scalar RNG parts, the space summary and the config.
+sampling and minibatch generators' states, the scalar RNG parts, the space summary and the config.
 
 Environment state is *not* stored: envs are re-seeded deterministically at every checkpoint boundary
 (see :mod:`proxrl.control.train`), which makes resuming exact for any Gymnasium env.
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from proxrl.config import from_dict, to_dict
@@ -52,6 +53,7 @@ def pack(
     obs_norm: ObsNormalizer,
     reward_scaler: RewardScaler,
     generator: torch.Generator,
+    action_rng: np.random.Generator,
     counters: dict[str, Any],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Everything needed to resume training exactly, as ``(tensors, json_state)`` for ``runs.save_checkpoint``."""
@@ -67,6 +69,7 @@ def pack(
         **counters,
         "optim_steps": optimizer.step_count,
         "generator": generator_state(generator),
+        "action_rng": generator_state(action_rng),
         "rng": rng,
         "space": space,
         "config": to_dict(cfg),
@@ -82,6 +85,7 @@ def restore(
     obs_norm: ObsNormalizer,
     reward_scaler: RewardScaler,
     generator: torch.Generator,
+    action_rng: np.random.Generator,
 ) -> None:
     """Inverse of :func:`pack` (counters are read from ``state`` by the caller)."""
     policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
@@ -89,6 +93,7 @@ def restore(
     obs_norm.load_state_tensors(tensors)
     reward_scaler.load_state_tensors(tensors)
     set_generator_state(generator, state["generator"])
+    set_generator_state(action_rng, state["action_rng"])
     set_rng_state(tensors, state["rng"])
 
 

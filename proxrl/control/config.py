@@ -100,6 +100,11 @@ class ControlConfig:
     init_log_std: float = opt(0.0, "Initial log std of the Gaussian policy for Box actions (CleanRL and SB3 default 0).")
     eval_every: int = opt(10_000, "Run a deterministic evaluation every this many env steps; 0 = only at the end.")
     eval_episodes: int = opt(10, "Episodes per evaluation (deterministic policy: argmax / mean action).")
+    target_return: float | None = opt(
+        None,
+        "Stop training at the first evaluation whose mean return reaches this (like SB3's "
+        "StopTrainingOnRewardThreshold); schedules still span total_steps. none = always train total_steps.",
+    )
     checkpoint_every: int = opt(
         50_000,
         "Write a checkpoint every this many env steps (and always at the end); 0 = only at the end. "

@@ -4,7 +4,8 @@ Layout (``T = rollout_steps``, ``N = num_envs``), all tensors allocated once and
 
 * ``obs[t]`` ``(T+1, N, obs_dim)``: the (normalised) observation the action at ``t`` was chosen from;
   ``obs[T]`` is the observation after the last step (carried over to ``obs[0]`` of the next rollout).
-* ``actions[t]`` ``(T, N)`` int64 or ``(T, N, d)`` float32: the **raw** sampled action (Box actions are
+* ``actions[t]`` ``(T, N)`` int64 or ``(T, N, d)`` float32: the **raw** sampled action (sampled by
+  :class:`~proxrl.control.policy.NumpyPolicy` with a numpy ``Generator``) (Box actions are
   clipped only in the copy sent to the env), ``logprobs[t]``, ``values[t] = V(obs[t])`` ``(T+1, N)``.
 * ``rewards[t]``, ``terminated[t]``, ``truncated[t]``: the env's answer to that action (rewards scaled when
   ``norm_reward``).
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from proxrl.control.envs import SpaceInfo
-from proxrl.control.policy import ActorCritic
+from proxrl.control.policy import ActorCritic, NumpyPolicy
 from proxrl.control.running_stats import ObsNormalizer, RewardScaler
 
 __all__ = ["Rollout", "Collector"]
@@ -58,7 +59,7 @@ class Collector:
         rollout_steps: int,
         obs_norm: ObsNormalizer,
         reward_scaler: RewardScaler,
-        generator: torch.Generator,
+        rng: np.random.Generator,
     ) -> None:
         self.venv = venv
         self.info = info
@@ -66,7 +67,7 @@ class Collector:
         self.N = n = venv.num_envs
         self.obs_norm = obs_norm
         self.reward_scaler = reward_scaler
-        self.generator = generator
+        self.rng = rng
         t = rollout_steps
         self.obs = torch.zeros((t + 1, n, info.obs_dim), dtype=torch.float32)
         if info.discrete:
@@ -81,6 +82,9 @@ class Collector:
         self.valid = torch.ones((t, n), dtype=torch.bool)
         # numpy views sharing memory with the tensors above
         self._obs_np = self.obs.numpy()
+        self._act_np = self.actions.numpy()
+        self._logp_np = self.logprobs.numpy()
+        self._val_np = self.values.numpy()
         self._rew_np = self.rewards.numpy()
         self._term_np = self.terminated.numpy()
         self._trunc_np = self.truncated.numpy()
@@ -101,44 +105,40 @@ class Collector:
         self._fresh = True
 
     def collect(self, policy: ActorCritic) -> Rollout:
-        """Run ``T`` vector steps with ``policy`` (sampling with ``self.generator``) and return the rollout."""
+        """Run ``T`` vector steps with ``policy`` (sampling with ``self.rng``) and return the rollout."""
         if not self._fresh:
             self.obs[0].copy_(self.obs[self.T])
         self._fresh = False
-        venv, obs_norm, scaler, gen = self.venv, self.obs_norm, self.reward_scaler, self.generator
+        fast = NumpyPolicy(policy)  # numpy views of the current weights; no torch op per env step
+        venv, obs_norm, scaler, rng = self.venv, self.obs_norm, self.reward_scaler, self.rng
         clip_low, clip_high = self.info.action_low, self.info.action_high
-        obs_t, obs_np, rew_np = self.obs, self._obs_np, self._rew_np
+        obs_np, act_np, logp_np, val_np, rew_np = self._obs_np, self._act_np, self._logp_np, self._val_np, self._rew_np
         term_np, trunc_np, valid_np = self._term_np, self._trunc_np, self._valid_np
         prev_done, ep_return, ep_length = self._prev_done, self._ep_return, self._ep_length
         ep_returns: list[float] = []
         ep_lengths: list[int] = []
-        with torch.inference_mode():
-            for t in range(self.T):
-                action, logprob, value = policy.act(obs_t[t], gen)
-                self.actions[t] = action
-                self.logprobs[t] = logprob
-                self.values[t] = value
-                env_action = action.numpy()
-                if clip_low is not None:
-                    env_action = np.clip(env_action, clip_low, clip_high)
-                next_obs, reward, terminated, truncated, _ = venv.step(env_action)
-                valid = ~prev_done
-                valid_np[t] = valid
-                term_np[t] = terminated
-                trunc_np[t] = truncated
-                done = terminated | truncated
-                ep_return += reward
-                ep_length += valid
-                if done.any():
-                    idx = np.flatnonzero(done)
-                    ep_returns.extend(ep_return[idx].tolist())
-                    ep_lengths.extend(ep_length[idx].tolist())
-                    ep_return[idx] = 0.0
-                    ep_length[idx] = 0
-                rew_np[t] = scaler(reward, done, valid)
-                obs_norm(next_obs, obs_np[t + 1], update=True)
-                prev_done[:] = done
-            self.values[self.T] = policy.value(obs_t[self.T])
+        for t in range(self.T):
+            action, logp_np[t], val_np[t] = fast.act(obs_np[t], rng)
+            act_np[t] = action
+            env_action = action if clip_low is None else np.clip(action, clip_low, clip_high)
+            next_obs, reward, terminated, truncated, _ = venv.step(env_action)
+            valid = ~prev_done
+            valid_np[t] = valid
+            term_np[t] = terminated
+            trunc_np[t] = truncated
+            done = terminated | truncated
+            ep_return += reward
+            ep_length += valid
+            if done.any():
+                idx = np.flatnonzero(done)
+                ep_returns.extend(ep_return[idx].tolist())
+                ep_lengths.extend(ep_length[idx].tolist())
+                ep_return[idx] = 0.0
+                ep_length[idx] = 0
+            rew_np[t] = scaler(reward, done, valid)
+            obs_norm(next_obs, obs_np[t + 1], update=True)
+            prev_done[:] = done
+        val_np[self.T] = fast.value(obs_np[self.T])
         return Rollout(
             obs=self.obs[: self.T],
             actions=self.actions,

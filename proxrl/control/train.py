@@ -2,8 +2,8 @@
 
 Reproducibility and exact resume:
 
-* ``seed`` fixes the network init (global torch RNG), a dedicated ``torch.Generator`` for action sampling
-  and minibatch order, and the env seeds, so two runs with the same config give bitwise identical weights
+* ``seed`` fixes the network init (global torch RNG), a numpy ``Generator`` for action sampling, a
+  ``torch.Generator`` for the minibatch order, and the env seeds, so two runs with the same config give bitwise identical weights
   (on the same machine, torch version and thread count).
 * Environment state is not checkpointed (it is not accessible for every Gymnasium env). Instead, at every
   checkpoint boundary the training envs are reset with a seed derived from ``(seed, checkpoint index)``,
@@ -43,9 +43,10 @@ from proxrl.runs import MetricsLogger, RunDir, checkpoint_dir, latest_checkpoint
 __all__ = ["train", "RESUMABLE_CHANGES"]
 
 # Fields that may differ between the saved config and the one passed when resuming.
-RESUMABLE_CHANGES = ("total_steps", "eval_every", "eval_episodes", "checkpoint_every", "threads", "tensorboard", "vector_mode")
+RESUMABLE_CHANGES = ("total_steps", "eval_every", "eval_episodes", "checkpoint_every", "threads", "tensorboard",
+                     "vector_mode", "target_return")
 
-SAMPLING_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM = 1, 2, 3
+SAMPLING_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM, MINIBATCH_STREAM = 1, 2, 3, 4
 
 
 def eval_seed(seed: int) -> int:
@@ -104,11 +105,13 @@ def train(
     sz = sizes(cfg)
     torch.set_num_threads(cfg.threads)
 
-    # Seeding: init from the global RNGs, sampling/minibatches from a dedicated generator.
+    # Seeding: init from the global RNGs, action sampling from a numpy generator, minibatch order from a
+    # torch generator; each stream derived from the seed.
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, SAMPLING_STREAM))
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, MINIBATCH_STREAM))
+    action_rng = np.random.default_rng(derive_seed(cfg.seed, SAMPLING_STREAM))
 
     venv, info = make_vector_env(cfg.env_id, cfg.num_envs, cfg.vector_mode, env_fn)
     evaluator: Evaluator | None = None
@@ -120,19 +123,19 @@ def train(
         optimizer = FlatAdam(flat_param, lr=cfg.learning_rate, eps=1e-5)
         obs_norm = ObsNormalizer(info.obs_dim, cfg.norm_obs, cfg.obs_clip)
         reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.norm_reward, cfg.reward_clip)
-        collector = Collector(venv, info, cfg.rollout_steps, obs_norm, reward_scaler, generator)
+        collector = Collector(venv, info, cfg.rollout_steps, obs_norm, reward_scaler, action_rng)
         lr_at = _schedule(cfg.lr_schedule, cfg.learning_rate)
         clip_at = _schedule(cfg.clip_schedule, cfg.clip_coef)
 
-        counters: dict[str, Any] = {"global_step": 0, "update": 0, "env_epoch": 0, "train_seconds": 0.0}
+        counters: dict[str, Any] = {"global_step": 0, "update": 0, "env_epoch": 0, "train_seconds": 0.0, "stopped": False}
         last_row: dict[str, Any] = {}
         resume_step = 0 if resume else None  # drop metrics logged after the checkpoint we resume from
         if resume:
             ckpt = latest_checkpoint(rd.path)
             if ckpt is not None:
                 tensors, state = load_checkpoint(ckpt)
-                restore(tensors, state, policy, optimizer, obs_norm, reward_scaler, generator)
-                counters = {k: state[k] for k in counters}
+                restore(tensors, state, policy, optimizer, obs_norm, reward_scaler, generator, action_rng)
+                counters = {k: state.get(k, v) for k, v in counters.items()}
                 last_row = dict(state.get("last_row", {}))
                 resume_step = counters["global_step"]
         logger = MetricsLogger(rd.path, tensorboard=cfg.tensorboard, resume_from_step=resume_step)
@@ -146,7 +149,8 @@ def train(
         session_start_step, session_start_seconds = counters["global_step"], counters["train_seconds"]
         last_postfix = 0.0
 
-        for update in range(counters["update"] + 1, sz.num_updates + 1):
+        first_update = sz.num_updates + 1 if counters["stopped"] else counters["update"] + 1
+        for update in range(first_update, sz.num_updates + 1):
             t0 = time.perf_counter()
             frac_done = (update - 1) / sz.num_updates
             lr = lr_at(frac_done)
@@ -183,6 +187,8 @@ def train(
                 last_eval = evaluator.evaluate(policy, obs_norm, eval_seed(cfg.seed))
                 row["eval_return_mean"] = last_eval["mean_return"]
                 row["eval_return_std"] = last_eval["std_return"]
+                if cfg.target_return is not None and last_eval["mean_return"] >= cfg.target_return:
+                    final = counters["stopped"] = True
 
             t_log = time.perf_counter()
             logger.log(step, row)
@@ -202,12 +208,14 @@ def train(
             if final or _crossed(step, prev_step, cfg.checkpoint_every):
                 if not final:
                     counters["env_epoch"] += 1
-                tensors, state = pack(cfg, info, policy, optimizer, obs_norm, reward_scaler, generator, counters)
+                tensors, state = pack(cfg, info, policy, optimizer, obs_norm, reward_scaler, generator, action_rng, counters)
                 state["last_row"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
                 save_checkpoint(checkpoint_dir(rd.path, step), tensors, state)
                 if not final:
                     # Re-seed at the boundary so that a run resumed from this checkpoint continues identically.
                     collector.reset(derive_seed(cfg.seed, TRAIN_ENV_STREAM, counters["env_epoch"]))
+            if final:
+                break
         return {k: (math.nan if v is None else v) for k, v in last_row.items()}
     finally:
         if bar is not None:
