@@ -1,0 +1,172 @@
+"""proxrl side of ``control_bench.py``: one ``proxrl.control.train`` run, results written as JSON.
+
+Config: ``ControlConfig(**PRESETS[env_id])`` (CartPole-v1: rl-zoo's values, identical to the SB3 side;
+Pendulum-v1: proxrl's preset, a plain Gaussian policy tuned for the same 4 envs x 1024 steps budget) with the
+benchmark's settings on top: ``seed``, ``total_steps``, ``eval_every`` (CartPole 5000, Pendulum 0 = only at
+the end), ``eval_episodes=20``, ``checkpoint_every=0`` (only the final one), ``tensorboard=False`` (the SB3
+side logs nothing either; metrics.jsonl/csv are still written) and ``progress=False``.
+
+Numbers are read from the run's ``metrics.jsonl``: ``train_seconds`` is proxrl's own cumulative training wall
+time (rollouts, updates and metric logging; evaluation and checkpoint writing excluded); the first row whose
+``eval_return_mean >= 475`` gives the steps and seconds to solve CartPole.
+
+Usage: ``python benchmarks/_proxrl_control_side.py {cartpole,pendulum} SEED STEPS OUT.json
+[--eval-every N] [--profile OUT.prof] [--breakdown]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+import torch  # noqa: E402
+
+from proxrl.control import PRESETS, ControlConfig, train  # noqa: E402
+
+SOLVED = 475.0
+ENV_IDS = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1"}
+
+
+class _Timers:
+    """Wall-clock totals of wrapped functions (``--breakdown``): ``key -> [seconds, calls]``.
+
+    A wrapper costs two ``perf_counter`` calls (~0.2 us), small next to the ~10-50 us functions it times.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}
+
+    def wrap(self, owner: object, name: str, key: str) -> None:
+        fn = getattr(owner, name, None)
+        if fn is None:
+            return
+        slot = self.totals.setdefault(key, [0.0, 0])
+        clock = time.perf_counter
+
+        def timed(*args, **kwargs):
+            t = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                slot[0] += clock() - t
+                slot[1] += 1
+
+        setattr(owner, name, timed)
+
+
+def _install_breakdown() -> _Timers:
+    """Wrap the stages of proxrl's training loop with timers (by name, skipping any that do not exist)."""
+    import importlib
+
+    def mod(name: str):  # importlib: ``proxrl.control.train`` the attribute is the function, not the module
+        return importlib.import_module(f"proxrl.control.{name}")
+
+    ppo_mod, train_mod, adam, policy = mod("ppo"), mod("train"), mod("adam"), mod("policy")
+    rollout, running_stats, Evaluator = mod("rollout"), mod("running_stats"), mod("evaluate").Evaluator
+
+    timers = _Timers()
+    timers.wrap(rollout.Collector, "collect", "rollout")
+    make_venv = train_mod.make_vector_env
+
+    def make_timed_venv(*args, **kwargs):
+        venv, info = make_venv(*args, **kwargs)
+        timers.wrap(venv, "step", "rollout.env_step")  # instance attribute: the training env only
+        return venv, info
+
+    train_mod.make_vector_env = make_timed_venv
+    fast = getattr(policy, "NumpyPolicy", None)
+    for cls in (policy.ActorCritic, fast):
+        if cls is not None:
+            timers.wrap(cls, "act", "rollout.policy_act")  # value() of the last obs is left in "other"
+    timers.wrap(running_stats.ObsNormalizer, "__call__", "rollout.obs_norm")
+    timers.wrap(running_stats.RewardScaler, "__call__", "rollout.reward_scaler")
+    timers.wrap(train_mod, "ppo_update", "update")
+    timers.wrap(ppo_mod, "compute_advantages", "update.gae")
+    timers.wrap(policy.ActorCritic, "evaluate", "update.forward")
+    timers.wrap(ppo_mod, "policy_loss", "update.losses")
+    timers.wrap(ppo_mod, "value_loss", "update.losses")
+    timers.wrap(ppo_mod, "normalize", "update.losses")
+    timers.wrap(torch.Tensor, "backward", "update.backward")
+    timers.wrap(ppo_mod, "clip_grad_norm", "update.optimizer")
+    timers.wrap(adam.FlatAdam, "step", "update.optimizer")
+    timers.wrap(ppo_mod, "explained_variance", "update.metrics")
+    timers.wrap(train_mod.MetricsLogger, "log", "log")
+    timers.wrap(Evaluator, "evaluate", "evaluation (excluded)")
+    timers.wrap(train_mod, "save_checkpoint", "checkpoint (excluded)")
+    return timers
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = None, breakdown: bool = False) -> dict:
+    timers = _install_breakdown() if breakdown else None
+    env_id = ENV_IDS[env]
+    cfg = ControlConfig(**{
+        **PRESETS[env_id], "seed": seed, "total_steps": steps, "eval_every": eval_every, "eval_episodes": 20,
+        "checkpoint_every": 0, "tensorboard": False, "threads": 1,
+    })
+    tmp = Path(tempfile.mkdtemp(prefix=f"proxrl_bench_{env}_"))
+    try:
+        run_dir = tmp / "run"
+        t0 = time.perf_counter()
+        if profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            final = prof.runcall(train, cfg, run_dir, progress=False)
+            prof.dump_stats(profile)
+        else:
+            final = train(cfg, run_dir, progress=False)
+        call_seconds = time.perf_counter() - t0
+        rows = _read_metrics(run_dir / "metrics.jsonl")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    last = rows[-1]
+    evals = [
+        {"step": r["global_step"], "train_seconds": r["train_seconds"], "eval_return_mean": r["eval_return_mean"]}
+        for r in rows if r.get("eval_return_mean") is not None
+    ]
+    solved = next((e for e in evals if e["eval_return_mean"] >= SOLVED), None) if env == "cartpole" else None
+    out = {
+        "steps": int(last["global_step"]),
+        "train_seconds": float(last["train_seconds"]),
+        "steps_per_second": last["global_step"] / last["train_seconds"],
+        "train_call_seconds": call_seconds,  # the whole train() call: set-up, evaluations and checkpoint included
+        "solved_step": solved["step"] if solved else None,
+        "solved_seconds": solved["train_seconds"] if solved else None,
+        "evals": evals,
+        "final_eval_mean": float(final["eval_return_mean"]),
+        "final_eval_std": float(final["eval_return_std"]),
+    }
+    if timers is not None:
+        out["breakdown"] = {k: {"seconds": v[0], "calls": v[1]} for k, v in timers.totals.items()}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("env", choices=tuple(ENV_IDS))
+    p.add_argument("seed", type=int)
+    p.add_argument("steps", type=int)
+    p.add_argument("out")
+    p.add_argument("--eval-every", type=int, default=5000)
+    p.add_argument("--profile", default=None, help="write a cProfile of the train() call to this file")
+    p.add_argument("--breakdown", action="store_true", help="time the stages of the loop (rollout, update, ...)")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    import_seconds = time.perf_counter() - T_START
+    res = run(a.env, a.seed, a.steps, a.eval_every, a.profile, a.breakdown)
+    res.update(side="proxrl", env=a.env, seed=a.seed, import_seconds=import_seconds,
+               process_seconds=time.perf_counter() - T_START)
+    Path(a.out).write_text(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

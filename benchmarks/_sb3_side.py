@@ -1,0 +1,137 @@
+"""Stable-Baselines3 side of ``control_bench.py``: one PPO run, results written as JSON.
+
+The workloads are rl-baselines3-zoo's tuned PPO settings, exactly as the peers' reference scripts run them:
+
+* ``cartpole``: ``make_vec_env("CartPole-v1", n_envs=8, seed=seed)`` (a ``DummyVecEnv``), ``MlpPolicy``,
+  ``n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0``, learning rate and
+  clip range ``lin_1e-3`` / ``lin_0.2`` (linear decay to 0). A callback checks after every vector step whether
+  ``num_timesteps`` reached the next multiple of ``eval_every`` (5000) and, if so, runs
+  ``evaluate_policy(model, gym.make("CartPole-v1"), n_eval_episodes=20, deterministic=True)``; its time is
+  excluded from the training time. "Solved" = the first evaluation with mean return >= 475.
+* ``pendulum``: ``make_vec_env("Pendulum-v1", n_envs=4, seed=seed)``, ``n_steps=1024, gae_lambda=0.95,
+  gamma=0.9, n_epochs=10, ent_coef=0, learning_rate=1e-3, clip_range=0.2, use_sde=True, sde_sample_freq=4``
+  (batch_size stays SB3's default 64); no evaluation during training; the final deterministic evaluation
+  (20 episodes) after ``learn`` is not timed.
+
+Both set ``torch.set_num_threads(1)``; the parent sets ``OMP_WAIT_POLICY=PASSIVE`` in the environment.
+
+Usage: ``python benchmarks/_sb3_side.py {cartpole,pendulum} SEED STEPS OUT.json [--eval-every 5000]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+import gymnasium as gym  # noqa: E402
+import torch  # noqa: E402
+from stable_baselines3 import PPO  # noqa: E402
+from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
+from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
+from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
+
+SOLVED = 475.0
+
+
+def _linear(initial: float):
+    """SB3 schedules take the *remaining* progress (1 -> 0)."""
+    return lambda progress_remaining: progress_remaining * initial
+
+
+class _EvalEvery(BaseCallback):
+    """Deterministic 20-episode evaluation every ``every`` env steps; accumulates its wall time."""
+
+    def __init__(self, every: int, episodes: int = 20) -> None:
+        super().__init__()
+        self.every = every
+        self.next = every
+        self.episodes = episodes
+        self.env = gym.make("CartPole-v1")
+        self.eval_seconds = 0.0
+        self.t0 = 0.0
+        self.history: list[dict] = []
+        self.solved: dict | None = None
+
+    def _on_step(self) -> bool:
+        if self.every > 0 and self.num_timesteps >= self.next:
+            self.next += self.every
+            t = time.perf_counter()
+            mean, std = evaluate_policy(self.model, self.env, n_eval_episodes=self.episodes, deterministic=True)
+            now = time.perf_counter()
+            self.eval_seconds += now - t
+            point = {
+                "step": int(self.num_timesteps),
+                "train_seconds": now - self.t0 - self.eval_seconds,
+                "eval_return_mean": float(mean),
+            }
+            self.history.append(point)
+            if mean >= SOLVED and self.solved is None:
+                self.solved = point
+        return True
+
+
+def run_cartpole(seed: int, steps: int, eval_every: int) -> dict:
+    env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
+    model = PPO(
+        "MlpPolicy", env, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
+        learning_rate=_linear(1e-3), clip_range=_linear(0.2), seed=seed, verbose=0, device="cpu",
+    )
+    cb = _EvalEvery(eval_every)
+    t0 = time.perf_counter()
+    cb.t0 = t0
+    model.learn(steps, callback=cb)
+    wall = time.perf_counter() - t0 - cb.eval_seconds
+    mean, std = evaluate_policy(model, gym.make("CartPole-v1"), n_eval_episodes=20, deterministic=True)
+    return {
+        "steps": int(model.num_timesteps),
+        "train_seconds": wall,
+        "steps_per_second": model.num_timesteps / wall,
+        "eval_seconds": cb.eval_seconds,
+        "solved_step": cb.solved["step"] if cb.solved else None,
+        "solved_seconds": cb.solved["train_seconds"] if cb.solved else None,
+        "evals": cb.history,
+        "final_eval_mean": float(mean),
+        "final_eval_std": float(std),
+    }
+
+
+def run_pendulum(seed: int, steps: int) -> dict:
+    env = make_vec_env("Pendulum-v1", n_envs=4, seed=seed)
+    model = PPO(
+        "MlpPolicy", env, n_steps=1024, gae_lambda=0.95, gamma=0.9, n_epochs=10, ent_coef=0.0, learning_rate=1e-3,
+        clip_range=0.2, use_sde=True, sde_sample_freq=4, seed=seed, verbose=0, device="cpu",
+    )
+    t0 = time.perf_counter()
+    model.learn(steps)
+    wall = time.perf_counter() - t0
+    mean, std = evaluate_policy(model, gym.make("Pendulum-v1"), n_eval_episodes=20, deterministic=True)
+    return {
+        "steps": int(model.num_timesteps),
+        "train_seconds": wall,
+        "steps_per_second": model.num_timesteps / wall,
+        "final_eval_mean": float(mean),
+        "final_eval_std": float(std),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("env", choices=("cartpole", "pendulum"))
+    p.add_argument("seed", type=int)
+    p.add_argument("steps", type=int)
+    p.add_argument("out")
+    p.add_argument("--eval-every", type=int, default=5000)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    import_seconds = time.perf_counter() - T_START
+    res = run_cartpole(a.seed, a.steps, a.eval_every) if a.env == "cartpole" else run_pendulum(a.seed, a.steps)
+    res.update(side="sb3", env=a.env, seed=a.seed, import_seconds=import_seconds,
+               process_seconds=time.perf_counter() - T_START)
+    Path(a.out).write_text(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

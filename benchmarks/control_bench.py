@@ -1,0 +1,357 @@
+"""Control PPO, proxrl vs Stable-Baselines3, side by side (see benchmarks/README.md, "Control PPO vs Stable-Baselines3").
+
+Workloads (rl-baselines3-zoo's tuned PPO hyperparameters, identical on both sides for CartPole):
+
+* **CartPole-v1**: 8 envs x 32 steps = one minibatch of 256, 20 epochs, gamma 0.98, lambda 0.8, lr 1e-3 and
+  clip 0.2 both decayed linearly to 0, ent 0, 100k env steps. A deterministic evaluation of 20 episodes every
+  5000 env steps (its time excluded). Reported: env steps and training seconds until an evaluation first
+  reaches a mean return >= 475 ("solved"), env-steps/s over the whole 100k-step run (evaluation excluded).
+* **Pendulum-v1**: 4 envs x 1024 steps, 10 epochs, gamma 0.9, lambda 0.95, lr 1e-3, clip 0.2, 100k env steps
+  (102,400 = 25 rollouts on both sides). SB3 runs rl-zoo's gSDE policy (``sde_sample_freq=4``); proxrl its
+  ``PRESETS["Pendulum-v1"]`` (plain Gaussian, 64 minibatches, obs and reward normalisation). Reported: the
+  final deterministic evaluation (20 episodes) and the training seconds.
+* **Env-only limit**: 100k CartPole steps of the native vector env (``gym.make_vec("CartPole-v1", 8,
+  vectorization_mode="vector_entry_point")``, what proxrl steps) and of SB3's ``DummyVecEnv`` with 8 envs,
+  random actions drawn beforehand: the steps/s no PPO on that env can beat.
+
+Each run is its own subprocess (``_sb3_side.py`` / ``_proxrl_control_side.py``) with ``torch.set_num_threads(1)``
+and ``OMP_WAIT_POLICY=PASSIVE``; for seed index i the SB3 run goes first when i is even, proxrl first when odd.
+Seeds are 0..n-1 on both sides (the same number seeds different random streams in the two libraries, so only
+medians are compared). The load average is printed at the start and the end: on a shared machine, re-run if
+it was high.
+
+Usage:
+    python benchmarks/control_bench.py                      # CartPole 5 seeds + Pendulum 3 seeds + env limit
+    python benchmarks/control_bench.py --env cartpole --seeds 5 --json /tmp/control.json
+    python benchmarks/control_bench.py --quick              # smoke test: 1 seed, 20k / 8k steps
+    python benchmarks/control_bench.py --profile /tmp/cartpole.prof   # where proxrl's CartPole time goes: a
+                                      # stage-timer split of one run, then one run under cProfile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SIDES = {"sb3": HERE / "_sb3_side.py", "proxrl": HERE / "_proxrl_control_side.py"}
+STEPS = {"cartpole": 100_000, "pendulum": 100_000}
+QUICK_STEPS = {"cartpole": 20_000, "pendulum": 8_192}
+EVAL_EVERY = {"cartpole": 5000, "pendulum": 0}
+TARGETS = {
+    "cartpole_solve_seconds": 0.5,   # proxrl median training seconds to solve
+    "cartpole_speedup": 6.0,         # SB3 / proxrl median seconds to solve
+    "pendulum_return": -200.0,       # proxrl mean final evaluation
+    "pendulum_wall_fraction": 0.25,  # proxrl mean training seconds / SB3's
+}
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _run_child(args: list[str]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="control_bench_") as tmp:
+        out = Path(tmp) / "out.json"
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, *args, str(out)], cwd=ROOT, env=_child_env(), capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0 or not out.exists():
+            sys.stderr.write(proc.stdout + proc.stderr)
+            raise SystemExit(f"benchmark child failed (exit {proc.returncode}): {' '.join(args)}")
+        res = json.loads(out.read_text())
+    res["child_wall_seconds"] = wall
+    return res
+
+
+def run_side(side: str, env: str, seed: int, steps: int) -> dict:
+    return _run_child([str(SIDES[side]), "--eval-every", str(EVAL_EVERY[env]), env, str(seed), str(steps)])
+
+
+# ================================================================================ env-only limit (subprocess)
+def worker_envspeed(out: str, steps: int) -> None:
+    """Steps/s of 8 CartPole envs with random actions: native vector env and SB3's DummyVecEnv (best of 3)."""
+    import gymnasium as gym
+    import numpy as np
+
+    n = 8
+    vsteps = steps // n
+    actions = np.random.default_rng(0).integers(0, 2, size=(vsteps, n))
+    res = {}
+
+    venv = gym.make_vec("CartPole-v1", n, vectorization_mode="vector_entry_point")
+    venv.reset(seed=0)
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        for a in actions:
+            venv.step(a)
+        best = min(best, time.perf_counter() - t)
+    venv.close()
+    res["native_vector_env"] = vsteps * n / best
+
+    from stable_baselines3.common.env_util import make_vec_env
+
+    denv = make_vec_env("CartPole-v1", n_envs=n, seed=0)
+    denv.reset()
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        for a in actions:
+            denv.step(a)
+        best = min(best, time.perf_counter() - t)
+    denv.close()
+    res["sb3_dummy_vec_env"] = vsteps * n / best
+    Path(out).write_text(json.dumps(res))
+
+
+# ================================================================================ reporting
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def _solved(r: dict, key: str) -> float:
+    return r[key] if r[key] is not None else math.inf
+
+
+def _fmt_solved(v: float, fmt: str, steps: int) -> str:
+    return f">{steps // 1000}k" if math.isinf(v) else format(v, fmt)
+
+
+def _ratio(a: float, b: float) -> float:
+    if math.isinf(a) or math.isinf(b) or b == 0 or math.isnan(a) or math.isnan(b):
+        return math.nan
+    return a / b
+
+
+def report_cartpole(runs: list[dict], steps: int, limit: dict | None) -> dict:
+    print(f"\nCartPole-v1 ({steps} env steps, eval 20 episodes every {EVAL_EVERY['cartpole']} steps, solved = mean >= 475)")
+    print(f"{'seed':>4} {'side':>7} {'solved@step':>11} {'solve s':>8} {'steps/s':>8} {'train s':>8} {'final eval':>10} {'process s':>9}")
+    for r in runs:
+        print(f"{r['seed']:>4} {r['side']:>7} {_fmt_solved(_solved(r, 'solved_step'), 'd', steps):>11} "
+              f"{_fmt_solved(_solved(r, 'solved_seconds'), '.2f', steps):>8} {r['steps_per_second']:>8.0f} "
+              f"{r['train_seconds']:>8.2f} {r['final_eval_mean']:>10.1f} {r['child_wall_seconds']:>9.1f}")
+    summary: dict = {}
+    for side in ("sb3", "proxrl"):
+        rs = [r for r in runs if r["side"] == side]
+        if not rs:
+            continue
+        summary[side] = {
+            "median_solved_step": _median([_solved(r, "solved_step") for r in rs]),
+            "median_solved_seconds": _median([_solved(r, "solved_seconds") for r in rs]),
+            "median_steps_per_second": _median([r["steps_per_second"] for r in rs]),
+            "median_process_seconds": _median([r["child_wall_seconds"] for r in rs]),
+            "solved_runs": sum(r["solved_step"] is not None for r in rs),
+            "runs": len(rs),
+        }
+        s = summary[side]
+        print(f"{'med':>4} {side:>7} {_fmt_solved(s['median_solved_step'], '.0f', steps):>11} "
+              f"{_fmt_solved(s['median_solved_seconds'], '.2f', steps):>8} {s['median_steps_per_second']:>8.0f} "
+              f"{'':>8} {'':>10} {s['median_process_seconds']:>9.1f}   (solved {s['solved_runs']}/{s['runs']})")
+    if "sb3" in summary and "proxrl" in summary:
+        sb, px = summary["sb3"], summary["proxrl"]
+        ratios = {
+            "solve_seconds_speedup_sb3_over_proxrl": _ratio(sb["median_solved_seconds"], px["median_solved_seconds"]),
+            "solve_steps_proxrl_over_sb3": _ratio(px["median_solved_step"], sb["median_solved_step"]),
+            "steps_per_second_proxrl_over_sb3": _ratio(px["median_steps_per_second"], sb["median_steps_per_second"]),
+        }
+        summary["ratios"] = ratios
+        print(f"ratios (medians): time to solve SB3/proxrl = {ratios['solve_seconds_speedup_sb3_over_proxrl']:.1f}x, "
+              f"steps to solve proxrl/SB3 = {ratios['solve_steps_proxrl_over_sb3']:.2f}, "
+              f"steps/s proxrl/SB3 = {ratios['steps_per_second_proxrl_over_sb3']:.1f}x")
+        ok_time = px["median_solved_seconds"] <= TARGETS["cartpole_solve_seconds"]
+        ok_speed = ratios["solve_seconds_speedup_sb3_over_proxrl"] >= TARGETS["cartpole_speedup"]
+        ok_steps = not math.isinf(px["median_solved_step"]) and px["median_solved_step"] <= sb["median_solved_step"]
+        print(f"targets: median solve <= {TARGETS['cartpole_solve_seconds']} s: {'met' if ok_time else 'NOT met'}; "
+              f">= {TARGETS['cartpole_speedup']:.0f}x SB3: {'met' if ok_speed else 'NOT met'}; "
+              f"no more env steps than SB3: {'met' if ok_steps else 'NOT met'}")
+    if limit:
+        line = (f"env-only limit (8 envs, random actions): native vector env {limit['native_vector_env']:.0f} steps/s, "
+                f"SB3 DummyVecEnv {limit['sb3_dummy_vec_env']:.0f} steps/s")
+        if "proxrl" in summary:
+            line += f"; proxrl PPO runs at {summary['proxrl']['median_steps_per_second'] / limit['native_vector_env']:.0%} of the native limit"
+        print(line)
+    return summary
+
+
+def report_pendulum(runs: list[dict], steps: int) -> dict:
+    print(f"\nPendulum-v1 ({steps} env steps requested, final deterministic eval of 20 episodes)")
+    print(f"{'seed':>4} {'side':>7} {'final eval':>10} {'train s':>8} {'steps/s':>8} {'process s':>9}")
+    for r in runs:
+        print(f"{r['seed']:>4} {r['side']:>7} {r['final_eval_mean']:>10.1f} {r['train_seconds']:>8.2f} "
+              f"{r['steps_per_second']:>8.0f} {r['child_wall_seconds']:>9.1f}")
+    summary: dict = {}
+    for side in ("sb3", "proxrl"):
+        rs = [r for r in runs if r["side"] == side]
+        if not rs:
+            continue
+        summary[side] = {
+            "mean_final_eval": statistics.fmean(r["final_eval_mean"] for r in rs),
+            "median_final_eval": _median([r["final_eval_mean"] for r in rs]),
+            "mean_train_seconds": statistics.fmean(r["train_seconds"] for r in rs),
+            "median_train_seconds": _median([r["train_seconds"] for r in rs]),
+            "runs": len(rs),
+        }
+        s = summary[side]
+        print(f"{'mean':>4} {side:>7} {s['mean_final_eval']:>10.1f} {s['mean_train_seconds']:>8.2f}")
+    if "sb3" in summary and "proxrl" in summary:
+        frac = summary["proxrl"]["mean_train_seconds"] / summary["sb3"]["mean_train_seconds"]
+        summary["ratios"] = {"train_seconds_proxrl_over_sb3": frac}
+        ok_ret = summary["proxrl"]["mean_final_eval"] >= TARGETS["pendulum_return"]
+        ok_wall = frac <= TARGETS["pendulum_wall_fraction"]
+        print(f"ratios (means): training seconds proxrl/SB3 = {frac:.3f} (SB3/proxrl = {1 / frac:.1f}x)")
+        print(f"targets: proxrl mean eval >= {TARGETS['pendulum_return']:.0f}: {'met' if ok_ret else 'NOT met'}; "
+              f"wall <= {TARGETS['pendulum_wall_fraction']} x SB3: {'met' if ok_wall else 'NOT met'}")
+    return summary
+
+
+# ================================================================================ main
+def _interleaved(env: str, seeds: int, steps: int, sides: list[str]) -> list[dict]:
+    runs = []
+    for i in range(seeds):
+        order = sides if i % 2 == 0 else sides[::-1]
+        for side in order:
+            r = run_side(side, env, i, steps)
+            print(f"  {env} seed {i} {side}: train {r['train_seconds']:.2f} s, "
+                  f"solved@{r.get('solved_step')}, final eval {r['final_eval_mean']:.1f} "
+                  f"(process {r['child_wall_seconds']:.1f} s)", flush=True)
+            runs.append(r)
+    return runs
+
+
+def print_breakdown(r: dict) -> dict:
+    """Where one proxrl run's training time went, from the stage timers of ``--breakdown``."""
+    b = {k: v["seconds"] for k, v in r["breakdown"].items()}
+    calls = {k: v["calls"] for k, v in r["breakdown"].items()}
+    total = r["train_seconds"]
+    rows = [
+        ("rollout: env.step", b.get("rollout.env_step", 0.0)),
+        ("rollout: policy act (forward + sampling)", b.get("rollout.policy_act", 0.0)),
+        ("rollout: obs/reward normalisers", b.get("rollout.obs_norm", 0.0) + b.get("rollout.reward_scaler", 0.0)),
+    ]
+    rows.append(("rollout: other (buffers, bookkeeping, last value)", b.get("rollout", 0.0) - sum(v for _, v in rows)))
+    upd = [
+        ("update: GAE", b.get("update.gae", 0.0)),
+        ("update: policy/value forward", b.get("update.forward", 0.0)),
+        ("update: losses (surrogate, value, adv. norm)", b.get("update.losses", 0.0)),
+        ("update: backward", b.get("update.backward", 0.0)),
+        ("update: grad clip + Adam", b.get("update.optimizer", 0.0)),
+    ]
+    upd.append(("update: other (indexing, randperm, metrics)", b.get("update", 0.0) - sum(v for _, v in upd)))
+    rows += upd
+    rows.append(("metrics logging", b.get("log", 0.0)))
+    rows.append(("train loop other (schedules, rows)", total - sum(v for _, v in rows)))
+    print(f"\nproxrl CartPole-v1 seed {r['seed']}: {r['steps']} steps, train_seconds {total:.3f} "
+          f"({r['steps'] / total:.0f} steps/s); {calls.get('rollout.env_step', 0)} vector env steps, "
+          f"{calls.get('update.backward', 0)} minibatch steps")
+    print(f"{'stage':<48} {'seconds':>8} {'share':>6} {'us/call':>8}")
+    keys = {"rollout: env.step": "rollout.env_step", "rollout: policy act (forward + sampling)": "rollout.policy_act",
+            "update: policy/value forward": "update.forward", "update: backward": "update.backward"}
+    for name, sec in rows:
+        k = keys.get(name)
+        per = f"{sec / calls[k] * 1e6:8.1f}" if k and calls.get(k) else ""
+        print(f"{name:<48} {sec:>8.3f} {sec / total:>6.1%} {per:>8}")
+    for k in ("evaluation (excluded)", "checkpoint (excluded)"):
+        if k in b:
+            print(f"{k:<48} {b[k]:>8.3f}")
+    return dict(rows)
+
+
+def _profile(out: str, steps: int) -> dict:
+    import pstats
+
+    r = _run_child([str(SIDES["proxrl"]), "--breakdown", "cartpole", "0", str(steps)])
+    split = print_breakdown(r)
+    p = _run_child([str(SIDES["proxrl"]), "--profile", out, "cartpole", "0", str(steps)])
+    print(f"\ncProfile run: train_seconds {p['train_seconds']:.2f} (inflated by cProfile), solved at {p['solved_step']}")
+    stats = pstats.Stats(out)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(30)
+    return {"breakdown_run": r, "split": split, "profile_file": out}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--env", choices=("cartpole", "pendulum", "all"), default="all")
+    p.add_argument("--seeds", type=int, default=5, help="CartPole seeds per side (default 5)")
+    p.add_argument("--pendulum-seeds", type=int, default=3, help="Pendulum seeds per side (default 3)")
+    p.add_argument("--sides", default="sb3,proxrl", help="comma-separated subset of sb3,proxrl")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 seed each, 20k CartPole / 8k Pendulum steps")
+    p.add_argument("--json", default=None, help="write all per-run results and the summary to this file")
+    p.add_argument("--profile", default=None, help="only profile one proxrl CartPole run (cProfile) into this file")
+    p.add_argument("--_envspeed", nargs=2, metavar=("OUT", "STEPS"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a._envspeed:
+        worker_envspeed(a._envspeed[0], int(a._envspeed[1]))
+        return
+    steps = QUICK_STEPS if a.quick else STEPS
+    if a.profile:
+        res = _profile(a.profile, steps["cartpole"])
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+        return
+    sides = [s for s in a.sides.split(",") if s]
+    if any(s not in SIDES for s in sides) or not sides:
+        p.error(f"--sides={a.sides!r}: use a comma-separated subset of sb3,proxrl")
+    seeds = 1 if a.quick else a.seeds
+    pseeds = 1 if a.quick else a.pendulum_seeds
+
+    import platform
+
+    import gymnasium
+    import stable_baselines3
+    import torch
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gymnasium": gymnasium.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "loadavg_start": os.getloadavg(),
+        "quick": a.quick,
+    }
+    print(f"{meta['date']}  cpus={meta['host_cpus']}  torch {meta['torch']}  gymnasium {meta['gymnasium']}  "
+          f"SB3 {meta['stable_baselines3']}  load average at start {meta['loadavg_start'][0]:.2f}", flush=True)
+    results: dict = {"meta": meta}
+    if a.env in ("cartpole", "all"):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "limit.json"
+            subprocess.run([sys.executable, __file__, "--_envspeed", str(out), str(steps["cartpole"])],
+                           cwd=ROOT, env=_child_env(), check=True)
+            limit = json.loads(out.read_text())
+        print(f"  env-only limit: native {limit['native_vector_env']:.0f} steps/s, "
+              f"SB3 DummyVecEnv {limit['sb3_dummy_vec_env']:.0f} steps/s", flush=True)
+        runs = _interleaved("cartpole", seeds, steps["cartpole"], sides)
+        results["cartpole"] = {"runs": runs, "env_only_limit": limit}
+    if a.env in ("pendulum", "all"):
+        runs = _interleaved("pendulum", pseeds, steps["pendulum"], sides)
+        results["pendulum"] = {"runs": runs}
+    meta["loadavg_end"] = os.getloadavg()
+    if "cartpole" in results:
+        c = results["cartpole"]
+        c["summary"] = report_cartpole(c["runs"], steps["cartpole"], c["env_only_limit"])
+    if "pendulum" in results:
+        results["pendulum"]["summary"] = report_pendulum(results["pendulum"]["runs"], steps["pendulum"])
+    print(f"\nload average (1 min) at start {meta['loadavg_start'][0]:.2f}, at end {meta['loadavg_end'][0]:.2f} "
+          f"on {meta['host_cpus']} cpus")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1, default=lambda x: None))
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
