@@ -86,18 +86,28 @@ class ActorCritic(nn.Module):
 
         ``with_grad_entropy=False`` computes the (categorical) entropy outside autograd, for logging only.
         """
-        out = self.actor(obs)
-        value = self.critic(obs).squeeze(-1)
+        log_std = None if self.discrete else self.log_std
+        logp, entropy = self.log_prob_entropy(self.actor(obs), log_std, actions, with_grad_entropy)
+        return logp, entropy, self.value(obs)
+
+    def log_prob_entropy(
+        self, out: Tensor, log_std: Tensor | None, actions: Tensor, with_grad_entropy: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """``(log pi(a|s), H[pi(.|s)])``, each ``(N,)``, from the actor's output ``out`` ``(N, n)`` / ``(N, d)``.
+
+        ``log_std`` ``(d,)`` for Gaussian policies (None for categorical ones). Used by :meth:`evaluate`
+        and, on leaf tensors of the network outputs, by the manual backward of :mod:`.mlp_grad`.
+        """
         if self.discrete:
             logp_all = out.log_softmax(-1)
             logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
             with torch.set_grad_enabled(with_grad_entropy and torch.is_grad_enabled()):
                 entropy = -(logp_all.exp() * logp_all).sum(-1)
-            return logp, entropy, value
-        z = (actions - out) * torch.exp(-self.log_std)
-        logp = (-0.5 * z.square() - self.log_std - _HALF_LOG_2PI).sum(-1)
-        entropy = (self.log_std + 0.5 + _HALF_LOG_2PI).sum().expand(logp.shape)
-        return logp, entropy, value
+            return logp, entropy
+        z = (actions - out) * torch.exp(-log_std)
+        logp = (-0.5 * z.square() - log_std - _HALF_LOG_2PI).sum(-1)
+        entropy = (log_std + 0.5 + _HALF_LOG_2PI).sum().expand(logp.shape)
+        return logp, entropy
 
     @torch.inference_mode()
     def deterministic_action(self, obs: Tensor) -> Tensor:

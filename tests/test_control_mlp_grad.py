@@ -1,0 +1,113 @@
+"""The fast PPO gradients (numpy MLPs, hand-written backward, closed-form loss gradient) equal autograd's."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from proxrl.control import PRESETS, ControlConfig
+from proxrl.control.flat_params import flatten_parameters
+from proxrl.control.mlp_grad import ManualActorCritic
+from proxrl.control.policy import ActorCritic, NumpyPolicy
+from proxrl.control.ppo import TorchPPOGradient
+from proxrl.control.ppo_grad import NumpyPPOGradient
+from proxrl.core import entropy_from_logits, policy_loss, value_loss
+
+torch.set_num_threads(1)
+
+HIDDEN = {"linear": (), "64": (64,), "64,64": (64, 64), "5,7,3": (5, 7, 3)}
+
+
+def _setup(discrete, hidden, activation, dtype=torch.float64, m=37, obs_dim=4, n_act=3, seed=0):
+    torch.manual_seed(seed)
+    policy = ActorCritic(obs_dim, n_act, discrete, hidden, activation, init_log_std=-0.3).to(dtype)
+    flat = flatten_parameters(policy)
+    with torch.no_grad():  # perturb so that biases and heads are not at their (zero / tiny) init
+        flat.add_(0.1 * torch.randn_like(flat))
+        obs = torch.randn(m, obs_dim, dtype=dtype)
+        out, values = policy.actor(obs), policy.value(obs)
+        actions = torch.randint(0, n_act, (m,)) if discrete else out + torch.randn(m, n_act, dtype=dtype)
+        logp, _ = policy.log_prob_entropy(out, None if discrete else policy.log_std, actions)
+    # old log-probs / values spread enough that some ratios and values fall outside the clip ranges
+    old_logp = logp + 0.3 * torch.randn(m, dtype=dtype)
+    old_values = values + 0.3 * torch.randn(m, dtype=dtype)
+    batch = (obs, actions, old_logp, old_values, torch.randn(m, dtype=dtype), values + torch.randn(m, dtype=dtype))
+    return policy, flat, batch
+
+
+def _grad(fn, flat, batch, as_numpy=False):
+    flat.grad.fill_(float("nan"))  # every slot must be written
+    stats = fn(*(t.numpy() for t in batch)) if as_numpy else fn(*batch)
+    return flat.grad.clone(), stats
+
+
+@pytest.mark.parametrize(
+    "discrete,hidden,activation,clip_value,entropy_coef,norm_adv",
+    [
+        (d, h, a, cv, e, n)
+        for d, h, a, cv, e, n in itertools.product([True, False], HIDDEN, ["tanh", "relu"], [None, 0.2], [0.0, 0.01],
+                                                    [True, False])
+        if n or (cv is None and e == 0.0)
+    ],
+)
+def test_fast_gradients_equal_autograd_float64(discrete, hidden, activation, clip_value, entropy_coef, norm_adv):
+    cfg = ControlConfig(**{**PRESETS["CartPole-v1"], "clip_value_coef": clip_value, "entropy_coef": entropy_coef,
+                           "value_coef": 0.7, "norm_adv": norm_adv})
+    policy, flat, batch = _setup(discrete, HIDDEN[hidden], activation)
+    ref_grad, ref_stats = _grad(TorchPPOGradient(policy, flat, cfg, clip_coef=0.15), flat, batch)
+    mlp_grad, mlp_stats = _grad(TorchPPOGradient(policy, flat, cfg, clip_coef=0.15, manual_mlp=True), flat, batch)
+    np_grad, np_stats = _grad(NumpyPPOGradient(policy, cfg, clip_coef=0.15), flat, batch, as_numpy=True)
+    assert ref_grad.abs().max() > 1e-3 and torch.isfinite(ref_grad).all()
+    assert 0 < ref_stats[4] < 1  # some ratios clipped, some not: both branches of the surrogate are exercised
+    for grad, stats in ((mlp_grad, mlp_stats), (np_grad, np_stats)):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(stats, ref_stats, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("discrete", [True, False], ids=["Discrete", "Box"])
+def test_fast_gradients_float32_match_autograd(discrete):
+    """In training precision (float32, minibatch 256, 64x64 tanh) the gradients agree to rounding."""
+    cfg = ControlConfig(**PRESETS["CartPole-v1"])
+    policy, flat, batch = _setup(discrete, (64, 64), "tanh", dtype=torch.float32, m=256)
+    ref_grad, ref_stats = _grad(TorchPPOGradient(policy, flat, cfg, clip_coef=0.2), flat, batch)
+    np_grad, np_stats = _grad(NumpyPPOGradient(policy, cfg, clip_coef=0.2), flat, batch, as_numpy=True)
+    assert np_grad.dtype == torch.float32
+    torch.testing.assert_close(np_grad, ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
+    np.testing.assert_allclose(np_stats, ref_stats, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("discrete,hidden,activation", [(True, "64,64", "tanh"), (False, "64", "relu"),
+                                                        (True, "linear", "tanh"), (False, "5,7,3", "tanh")])
+def test_manual_mlp_backward_with_any_masked_loss(discrete, hidden, activation):
+    """NumpyMLP.backward is exact for any loss of the outputs (here core losses with masks and entropy)."""
+    policy, flat, (obs, actions, old_logp, old_values, adv, returns) = _setup(discrete, HIDDEN[hidden], activation)
+    mask = torch.rand(obs.shape[0]) > 0.3
+
+    def loss_fn(out, values, log_std):
+        logp, ent = policy.log_prob_entropy(out, log_std, actions)
+        pg, _ = policy_loss(logp, old_logp, adv, 0.2, mask=mask)
+        extra = entropy_from_logits(out).mean() if discrete else (out.square().sum(-1) * mask).mean()
+        return pg + 0.6 * value_loss(values, old_values, returns, 0.1, mask=mask) - 0.01 * ent.mean() + 0.1 * extra
+
+    flat.grad.zero_()
+    log_std = None if discrete else policy.log_std
+    loss_fn(policy.actor(obs), policy.value(obs), log_std).backward()
+    ref = flat.grad.clone()
+    nets = ManualActorCritic(policy)
+    flat.grad.fill_(float("nan"))
+    nets.backward(loss_fn(*nets.forward(obs)))
+    torch.testing.assert_close(flat.grad, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_numpy_views_follow_optimizer_updates():
+    """The numpy MLPs are views: an in-place parameter update is seen without rebuilding."""
+    policy, flat, (obs, *_rest) = _setup(True, (64, 64), "tanh")
+    nets = ManualActorCritic(policy)
+    with torch.no_grad():
+        flat.mul_(1.5)
+        ref = policy.actor(obs)
+    np.testing.assert_allclose(nets.actor.forward(obs.numpy()), ref.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(NumpyPolicy(policy).value(obs.numpy()),
+                               policy.value(obs).detach().numpy(), rtol=1e-12, atol=1e-12)
