@@ -88,7 +88,7 @@ class DemoSizes:
 SIZES: dict[tuple[str, bool], DemoSizes] = {
     ("sentiment", False): DemoSizes(
         vocab_size=2048, n_layer=4, n_embd=128, n_head=4, n_positions=96, max_length=48,
-        sft_examples=0, sft_steps=1200, sft_batch=32, sft_lr=2e-3,
+        sft_examples=0, sft_steps=1000, sft_batch=32, sft_lr=2e-3,
         pair_prompts=1000, pair_samples=4, rm_epochs=2.0, rm_batch=32, rm_lr=3e-4,
         ppo_updates=60, ppo_rollout=32, ppo_minibatch=16, ppo_epochs=4, ppo_lr=5e-5, kl_coef=0.05,
         max_new_tokens=20, temperature=0.7, eval_prompts=200),
@@ -99,8 +99,8 @@ SIZES: dict[tuple[str, bool], DemoSizes] = {
         ppo_updates=2, ppo_rollout=8, ppo_minibatch=4, ppo_epochs=1, ppo_lr=1e-4, kl_coef=0.05,
         max_new_tokens=8, temperature=0.7, eval_prompts=16),
     ("arithmetic", False): DemoSizes(
-        vocab_size=0, n_layer=3, n_embd=128, n_head=4, n_positions=32, max_length=16,
-        sft_examples=20000, sft_steps=600, sft_batch=64, sft_lr=2e-3,
+        vocab_size=0, n_layer=2, n_embd=64, n_head=4, n_positions=32, max_length=16,
+        sft_examples=9000, sft_steps=350, sft_batch=64, sft_lr=3e-3,
         pair_prompts=0, pair_samples=0, rm_epochs=0.0, rm_batch=0, rm_lr=0.0,
         ppo_updates=80, ppo_rollout=64, ppo_minibatch=32, ppo_epochs=4, ppo_lr=1e-4, kl_coef=0.01,
         max_new_tokens=6, temperature=1.0, eval_prompts=500),
@@ -356,13 +356,13 @@ def _run_arithmetic(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer)
     with timer.stage("data + tokenizer"):
         held = A.held_out_problems(seed)[: sizes.eval_prompts]
         eval_prompts = [A.format_prompt(a, b) for a, b in held]
-        train_pairs = A.make_problems(sizes.sft_examples + 20000 if not cfg.quick else sizes.sft_examples + 200,
-                                      seed=seed, exclude=set(A.held_out_problems(seed)))
-        sft_pairs, ppo_pairs = train_pairs[: sizes.sft_examples], train_pairs[sizes.sft_examples:]
+        # every problem outside the held-out set: SFT sees sft_examples of them, PPO prompts are drawn from all
+        train_pairs = A.train_problems(10 ** 6, seed=seed)
+        sft_pairs, ppo_pairs = train_pairs[: sizes.sft_examples], train_pairs
         _write_jsonl(out / "data" / "sft_train.jsonl", A.sft_records(sft_pairs))
         _write_jsonl(out / "data" / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
         A.build_char_tokenizer(out / "tokenizer")
-        print(f"   {len(sft_pairs)} SFT problems (1-3 digit operands), {len(ppo_pairs)} PPO prompts, "
+        print(f"   {len(sft_pairs)} SFT problems (operands 0-{10 ** A.DIGITS - 1}), {len(ppo_pairs)} PPO prompts, "
               f"{len(eval_prompts)} held-out problems; character tokenizer")
 
     with timer.stage("SFT (tiny GPT-2 trained from scratch, stopped early)"):

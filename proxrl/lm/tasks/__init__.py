@@ -29,7 +29,6 @@ def task_prompts(name: str, split: str = "eval", n: int = 256, seed: int = 0) ->
     if name == "arithmetic":
         from proxrl.lm.tasks import arithmetic as A
 
-        held = A.held_out_problems(seed)
-        pairs = held[:n] if split == "eval" else A.make_problems(min(n, A.MAX_TRAIN), seed=seed, exclude=set(held))
+        pairs = A.held_out_problems(seed)[:n] if split == "eval" else A.train_problems(n, seed=seed)
         return [A.format_prompt(a, b) for a, b in pairs]
     raise UserError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")

@@ -1,4 +1,4 @@
-"""Built-in verifiable task: multi-digit addition, ``"12+345="`` -> ``"357"`` + EOS, checked by exact match.
+"""Built-in verifiable task: multi-digit addition, ``"12+34="`` -> ``"46"`` + EOS, checked by exact match.
 
 Everything is generated locally (no download). The tokenizer is character level (digits, ``+``, ``=``, space)
 with ``<pad>`` (id 0) and ``<eos>`` (id 1), saved as a HF fast tokenizer so every stage loads it with
@@ -44,19 +44,29 @@ def format_prompt(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
-def make_problems(n: int, seed: int = 0, min_digits: int = 1, max_digits: int = 3,
+def make_problems(n: int, seed: int = 0, min_digits: int = 1, max_digits: int = 2,
                   exclude: set[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
-    """``n`` distinct operand pairs (a, b); each operand's digit count uniform in [min_digits, max_digits].
+    """``n`` distinct operand pairs (a, b), each operand with ``min_digits``..``max_digits`` digits.
 
-    Pairs in ``exclude`` are skipped (keeps held-out problems out of training). Deterministic given ``seed``.
+    With ``max_digits <= 2`` all pairs are enumerated and shuffled (uniform over pairs); otherwise each operand's
+    digit count is drawn uniformly and pairs are drawn until ``n`` distinct ones are found. Pairs in ``exclude``
+    are skipped (keeps held-out problems out of training). Deterministic given ``seed``.
     """
     if not 1 <= min_digits <= max_digits:
         raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
     rng = random.Random(seed)
-    space = (10 ** max_digits) ** 2
-    if n > space // 2:
-        raise ValueError(f"{n} problems requested from a space of about {space}; use more digits")
-    seen = set(exclude or ())
+    lo = 0 if min_digits == 1 else 10 ** (min_digits - 1)
+    exclude = exclude or set()
+    if max_digits <= 2:
+        values = range(lo, 10 ** max_digits)
+        pool = [(a, b) for a in values for b in values if (a, b) not in exclude]
+        if n > len(pool):
+            raise ValueError(f"{n} problems requested but only {len(pool)} exist with <= {max_digits} digits")
+        rng.shuffle(pool)
+        return pool[:n]
+    if n > (10 ** max_digits) ** 2 // 2:
+        raise ValueError(f"{n} problems requested from a space of about {(10 ** max_digits) ** 2}; use more digits")
+    seen = set(exclude)
     out: list[tuple[int, int]] = []
 
     def operand() -> int:
@@ -71,18 +81,52 @@ def make_problems(n: int, seed: int = 0, min_digits: int = 1, max_digits: int = 
     return out
 
 
-EVAL_POOL = 1000     # size of the fixed held-out problem set
-MAX_TRAIN = 200_000  # cap on training problems drawn at once
+DIGITS = 2           # operands of the built-in task: 0..99 ("12+34=" -> "46")
+EVAL_POOL = 1000     # size of the fixed held-out problem set (of the 10,000 possible)
 
 
-def held_out_problems(seed: int = 0, n: int = EVAL_POOL) -> list[tuple[int, int]]:
+def held_out_problems(seed: int = 0, n: int = EVAL_POOL, max_digits: int = DIGITS) -> list[tuple[int, int]]:
     """The task's fixed held-out problems (never used for training by :func:`proxrl.lm.tasks.task_prompts`)."""
-    return make_problems(n, seed=seed + 1_000_003)
+    return make_problems(n, seed=seed + 1_000_003, max_digits=max_digits)
 
 
-def sft_records(pairs: Sequence[tuple[int, int]]) -> list[dict[str, str]]:
-    """Prompt/completion records ``{"prompt": "a+b=", "completion": "a+b"}`` for SFT (EOS appended by SFT)."""
-    return [{"prompt": format_prompt(a, b), "completion": str(a + b)} for a, b in pairs]
+def train_problems(n: int, seed: int = 0, max_digits: int = DIGITS) -> list[tuple[int, int]]:
+    """Up to ``n`` training problems: every problem not in :func:`held_out_problems`, shuffled."""
+    held = set(held_out_problems(seed, max_digits=max_digits))
+    avail = (10 ** max_digits) ** 2 - len(held) if max_digits <= 2 else n
+    return make_problems(min(n, avail), seed=seed, max_digits=max_digits, exclude=held)
+
+
+def carryless_sum(a: int, b: int) -> int:
+    """The sum with every carry dropped, digit by digit: ``57 + 68 -> 15`` ((5+6)%10, (7+8)%10)."""
+    out, place = 0, 1
+    while a or b:
+        out += ((a % 10 + b % 10) % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return out
+
+
+def has_carry(a: int, b: int) -> bool:
+    """True if adding a and b carries in some digit (then :func:`carryless_sum` differs from the sum)."""
+    return carryless_sum(a, b) != a + b
+
+
+def sft_records(pairs: Sequence[tuple[int, int]], carry_error: float = 0.0, seed: int = 0) -> list[dict[str, str]]:
+    """Prompt/completion records ``{"prompt": "a+b=", "completion": "<sum>"}`` for SFT (EOS appended by SFT).
+
+    ``carry_error`` simulates a sloppy labeller: on problems that carry, the completion is the carry-less sum
+    (:func:`carryless_sum`) with this probability. SFT on such data gives a model that is right on problems
+    without carries and often wrong on the others; PPO with the exact-match checker then fixes the systematic
+    error (the built-in demo's setting).
+    """
+    if not 0.0 <= carry_error <= 1.0:
+        raise ValueError(f"carry_error must be in [0, 1], got {carry_error}")
+    rng = random.Random(seed)
+    out = []
+    for a, b in pairs:
+        wrong = carry_error > 0 and has_carry(a, b) and rng.random() < carry_error
+        out.append({"prompt": format_prompt(a, b), "completion": str(carryless_sum(a, b) if wrong else a + b)})
+    return out
 
 
 def parse_prompt(prompt: str) -> tuple[int, int] | None:
