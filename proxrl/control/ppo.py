@@ -14,7 +14,8 @@
 
 NEXT_STEP reset steps (``rollout.valid == False``) are not transitions of the MDP: they are dropped from the
 batch before the epochs, so each epoch splits the ``B' <= num_envs * rollout_steps`` real transitions into
-``num_minibatches`` near-equal random minibatches and no loss needs a mask.
+``num_minibatches`` near-equal random minibatches and no loss needs a mask. With ``num_minibatches == 1``
+the minibatch is the whole batch, unshuffled (every loss term is a mean, so the order is irrelevant).
 
 :func:`ppo_loss` (built from :mod:`proxrl.core`) is the specification of the minibatch loss. For speed the
 default backend computes the same loss and its exact gradient in numpy (:mod:`.ppo_grad`: closed-form
@@ -135,6 +136,9 @@ def ppo_update(
     )
     # NEXT_STEP reset steps are not transitions: drop them, keep the B' real ones.
     real = rollout.valid.reshape(-1).nonzero().squeeze(1)
+    batch = tuple(t[real] for t in batch)
+    n_real = real.numel()
+    explained_var = explained_variance(batch[3], batch[5])
     if backend == "numpy":
         loss_and_grad = NumpyPPOGradient(policy, cfg, clip_coef)
         batch = tuple(t.numpy() for t in batch)
@@ -148,10 +152,13 @@ def ppo_update(
     n_minibatches = 0
     early_stop_epoch = cfg.epochs
     for epoch in range(cfg.epochs):
-        perm = real[torch.randperm(real.numel(), generator=generator)]
+        if cfg.num_minibatches == 1:  # the whole batch; the loss is a mean, so the order of samples is irrelevant
+            minibatches = [slice(None)]
+        else:
+            minibatches = torch.randperm(n_real, generator=generator).tensor_split(cfg.num_minibatches)
         stop = False
-        for idx in perm.tensor_split(cfg.num_minibatches):
-            if backend == "numpy":
+        for idx in minibatches:
+            if backend == "numpy" and isinstance(idx, Tensor):
                 idx = idx.numpy()
             # loss = policy_loss - entropy_coef * entropy + value_coef * value_loss; gradient into flat_param.grad
             stats = loss_and_grad(*(t[idx] for t in batch))
@@ -172,9 +179,8 @@ def ppo_update(
 
     means = (sums / n_minibatches).tolist() if n_minibatches else [float("nan")] * len(STAT_NAMES)
     metrics = dict(zip(STAT_NAMES, means))
-    b_values, b_returns = rollout.values.reshape(-1), returns.reshape(-1)
-    metrics["explained_variance"] = explained_variance(b_values[real], b_returns[real])
+    metrics["explained_variance"] = explained_var
     metrics["early_stop_epoch"] = float(early_stop_epoch)
     metrics["minibatch_steps"] = float(n_minibatches)
-    metrics["batch_transitions"] = float(real.numel())
+    metrics["batch_transitions"] = float(n_real)
     return metrics
