@@ -111,7 +111,7 @@ def _fallback_reward_scorer(reward_dir: str, bf16: bool):  # noqa: ANN202
     return score_fn
 
 
-PATCHES = ("adam_fused", "gelu_fused", "bf16", "shared")
+PATCHES = ("adam_fused", "gelu_fused", "gen_values", "bf16", "shared")
 
 
 def _apply_patches(tr, patches: list[str]) -> None:  # noqa: ANN001
@@ -122,6 +122,8 @@ def _apply_patches(tr, patches: list[str]) -> None:  # noqa: ANN001
       instead of torch's per-parameter loop, which is the CPU default;
     * ``gelu_fused``: GPT-2's python-composite tanh-GELU (``NewGELUActivation``, 8 elementwise kernels and as
       many saved tensors) replaced by the identical single kernel ``nn.GELU(approximate="tanh")``;
+    * ``gen_values`` (shared trunk only): the rollout values from the hidden states of the generation pass
+      instead of one more full policy forward;
     * ``bf16`` / ``shared`` (config options, not patches): one of proxrl_fast's two options alone, to tell
       their effects apart (``proxrl+bf16``, ``proxrl+shared``).
     """
@@ -145,7 +147,48 @@ def _apply_patches(tr, patches: list[str]) -> None:  # noqa: ANN001
                 for name, child in list(mod.named_children()):
                     if isinstance(child, NewGELUActivation):
                         setattr(mod, name, nn.GELU(approximate="tanh"))
+    if "gen_values" in patches:
+        _patch_gen_values()
     del torch
+
+
+def _patch_gen_values() -> None:
+    """Shared-trunk critic: take the rollout values from the final hidden states the generation pass already
+    computes (prefill's last position, then each decoding step's input), instead of the extra full policy
+    forward ``collect_rollout`` runs for them."""
+    import torch
+
+    from proxrl.lm import generation as G
+    from proxrl.lm import ppo as P
+    from proxrl.lm import rollout as R
+    from proxrl.lm.models import PolicyWithValueHead, _unwrap
+
+    stash: dict[str, object] = {}
+    orig_generate, orig_rf = G.generate, R.response_forward
+
+    def generate(model, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if not isinstance(model, PolicyWithValueHead):
+            return orig_generate(model, *args, **kw)
+        hs: list[torch.Tensor] = []
+        trunk = _unwrap(model.policy).transformer
+        handle = trunk.ln_f.register_forward_hook(lambda mod, inp, out: hs.append(out[:, -1]))
+        try:
+            out = orig_generate(model, *args, **kw)
+        finally:
+            handle.remove()
+        with torch.inference_mode():
+            v = model.value_head(torch.stack(hs[: out.response_mask.shape[1]], 1)).squeeze(-1).float()
+        stash["values"] = v.clone()
+        return out
+
+    def response_forward(model, input_ids, attention_mask, prompt_len, temperature, **kw):  # noqa: ANN001, ANN003, ANN202
+        if isinstance(model, PolicyWithValueHead) and not torch.is_grad_enabled() and "values" in stash:
+            v = stash.pop("values")
+            return torch.zeros_like(v), v, None
+        return orig_rf(model, input_ids, attention_mask, prompt_len, temperature, **kw)
+
+    G.generate = generate
+    R.response_forward = P.response_forward = response_forward
 
 
 def worker_proxrl(size: str, updates: int, threads: int, fast: bool, workload: str, out: str,
