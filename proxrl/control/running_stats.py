@@ -30,12 +30,15 @@ class RunningMeanStd:
         n = batch.shape[0]
         if n == 0:
             return
-        b_mean = batch.mean(axis=0, dtype=np.float64)
-        b_var = batch.var(axis=0, dtype=np.float64)
+        # (np.mean / np.var cost ~10 us each on a handful of numbers; this is the same two-pass maths)
+        b = batch.astype(np.float64)
+        b_mean = np.add.reduce(b, axis=0) / n
+        dev = b - b_mean
+        b_m2 = np.add.reduce(dev * dev, axis=0)  # n * batch variance
         delta = b_mean - self.mean
         total = self.count + n
         self.mean = np.asarray(self.mean + delta * (n / total))
-        m2 = self.var * self.count + b_var * n + delta * delta * (self.count * n / total)
+        m2 = self.var * self.count + b_m2 + delta * delta * (self.count * n / total)
         self.var = np.asarray(m2 / total)
         self.count = total
 
@@ -69,7 +72,7 @@ class ObsNormalizer:
         if update:
             self.rms.update(obs)
         scaled = (obs - self.rms.mean) / np.sqrt(self.rms.var + self.eps)
-        np.clip(scaled, -self.clip, self.clip, out=out, casting="same_kind")
+        np.minimum(np.maximum(scaled, -self.clip), self.clip, out=out, casting="same_kind")  # clip, minus np.clip's overhead
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -100,9 +103,9 @@ class RewardScaler:
         if not self.enabled:
             return reward
         self.returns = self.returns * self.gamma + reward
-        self.rms.update(self.returns[valid])
+        self.rms.update(self.returns if valid.all() else self.returns[valid])
         self.returns[done] = 0.0
-        return np.clip(reward / np.sqrt(self.rms.var + self.eps), -self.clip, self.clip)
+        return np.minimum(np.maximum(reward / np.sqrt(self.rms.var + self.eps), -self.clip), self.clip)
 
     def reset_returns(self) -> None:
         self.returns[:] = 0.0
