@@ -10,9 +10,9 @@
 5. evaluation on held-out prompts: mean VADER and reward-model score of SFT vs PPO samples, KL(PPO || SFT),
    and a few before/after samples.
 
-``run_demo(task="arithmetic")``: a character-level tiny GPT-2 trained on additions only until it is right
-part of the time, then PPO with the exact-match checker as the reward; metric: held-out exact-match accuracy
-(greedy decoding).
+``run_demo(task="arithmetic")``: a character-level tiny GPT-2 trained on additions of numbers 0-99 whose labels
+come from a sloppy labeller (the carries of 60% of the problems that carry are dropped), so it is right only part
+of the time; then PPO with the exact-match checker as the reward; metric: held-out exact-match accuracy (greedy).
 
 Everything lands in ``out_dir``: ``tokenizer/``, ``data/``, ``sft/``, ``reward_model/``, ``ppo/`` (final policy in
 ``ppo/policy/``), ``summary.json`` and ``summary.md``. Each model directory loads with ``from_pretrained``.
@@ -83,6 +83,8 @@ class DemoSizes:
     temperature: float
     # evaluation
     eval_prompts: int
+    # arithmetic: probability that the SFT labeller drops the carries of a problem that carries
+    carry_error: float = 0.0
 
 
 SIZES: dict[tuple[str, bool], DemoSizes] = {
@@ -99,17 +101,17 @@ SIZES: dict[tuple[str, bool], DemoSizes] = {
         ppo_updates=2, ppo_rollout=8, ppo_minibatch=4, ppo_epochs=1, ppo_lr=1e-4, kl_coef=0.05,
         max_new_tokens=8, temperature=0.7, eval_prompts=16),
     ("arithmetic", False): DemoSizes(
-        vocab_size=0, n_layer=2, n_embd=64, n_head=4, n_positions=32, max_length=16,
-        sft_examples=9000, sft_steps=350, sft_batch=64, sft_lr=3e-3,
+        vocab_size=0, n_layer=2, n_embd=96, n_head=4, n_positions=32, max_length=16,
+        sft_examples=9000, sft_steps=900, sft_batch=64, sft_lr=3e-3,
         pair_prompts=0, pair_samples=0, rm_epochs=0.0, rm_batch=0, rm_lr=0.0,
-        ppo_updates=80, ppo_rollout=64, ppo_minibatch=32, ppo_epochs=4, ppo_lr=1e-4, kl_coef=0.01,
-        max_new_tokens=6, temperature=1.0, eval_prompts=500),
+        ppo_updates=120, ppo_rollout=64, ppo_minibatch=32, ppo_epochs=4, ppo_lr=3e-5, kl_coef=0.01,
+        max_new_tokens=6, temperature=1.0, eval_prompts=500, carry_error=0.6),
     ("arithmetic", True): DemoSizes(
         vocab_size=0, n_layer=1, n_embd=32, n_head=2, n_positions=32, max_length=16,
         sft_examples=400, sft_steps=20, sft_batch=16, sft_lr=3e-3,
         pair_prompts=0, pair_samples=0, rm_epochs=0.0, rm_batch=0, rm_lr=0.0,
         ppo_updates=2, ppo_rollout=8, ppo_minibatch=4, ppo_epochs=1, ppo_lr=1e-4, kl_coef=0.01,
-        max_new_tokens=6, temperature=1.0, eval_prompts=32),
+        max_new_tokens=6, temperature=1.0, eval_prompts=32, carry_error=0.6),
 }
 
 
@@ -359,11 +361,13 @@ def _run_arithmetic(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer)
         # every problem outside the held-out set: SFT sees sft_examples of them, PPO prompts are drawn from all
         train_pairs = A.train_problems(10 ** 6, seed=seed)
         sft_pairs, ppo_pairs = train_pairs[: sizes.sft_examples], train_pairs
-        _write_jsonl(out / "data" / "sft_train.jsonl", A.sft_records(sft_pairs))
+        _write_jsonl(out / "data" / "sft_train.jsonl", A.sft_records(sft_pairs, sizes.carry_error, seed=seed))
         _write_jsonl(out / "data" / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
         A.build_char_tokenizer(out / "tokenizer")
         print(f"   {len(sft_pairs)} SFT problems (operands 0-{10 ** A.DIGITS - 1}), {len(ppo_pairs)} PPO prompts, "
-              f"{len(eval_prompts)} held-out problems; character tokenizer")
+              f"{len(eval_prompts)} held-out problems; character tokenizer;\n"
+              f"   the SFT labeller drops the carries of {sizes.carry_error:.0%} of the problems that carry "
+              f"(PPO's exact-match checker has to fix that)")
 
     with timer.stage("SFT (tiny GPT-2 trained from scratch, stopped early)"):
         sft = train_sft(SFTConfig(
