@@ -159,13 +159,14 @@ class NumpyPolicy:
         value = self.value(obs)
         n = obs.shape[0]
         if self.discrete:
-            z = out - out.max(axis=1, keepdims=True)
-            logp_all = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            cdf = np.exp(logp_all).cumsum(axis=1)
-            u = rng.random((n, 1), dtype=np.float32)
-            action = np.minimum((u > cdf).sum(axis=1), out.shape[1] - 1)
-            return action, logp_all[np.arange(n), action], value
+            logits = out.T  # (n_actions, N): reductions over a few actions are cheaper across rows
+            z = logits - logits.max(axis=0)
+            logp_all = z - np.log(np.exp(z).sum(axis=0))
+            cdf = np.exp(logp_all).cumsum(axis=0)
+            u = rng.random(n, dtype=np.float32)
+            action = np.minimum((u > cdf).sum(axis=0), logits.shape[0] - 1)
+            return action, logp_all[action, np.arange(n)], value
         noise = rng.standard_normal(out.shape, dtype=np.float32)
         action = out + np.exp(self.log_std) * noise
-        logp = (-0.5 * noise * noise - self.log_std - _HALF_LOG_2PI).sum(axis=1)
+        logp = (-0.5 * noise * noise).sum(axis=1) - (self.log_std + _HALF_LOG_2PI).sum()
         return action, logp, value

@@ -120,7 +120,7 @@ class Collector:
         for t in range(self.T):
             action, logp_np[t], val_np[t] = fast.act(obs_np[t], rng)
             act_np[t] = action
-            env_action = action if clip_low is None else np.clip(action, clip_low, clip_high)
+            env_action = action if clip_low is None else np.minimum(np.maximum(action, clip_low), clip_high)
             next_obs, reward, terminated, truncated, _ = venv.step(env_action)
             valid = ~prev_done
             valid_np[t] = valid
