@@ -52,7 +52,8 @@ def _train(args: argparse.Namespace) -> None:
         saved = run.read_config()
         overrides = {k: v for k, v in vars(args).items() if k in {"total_steps"}}
         cfg = C.from_dict(ControlConfig, {**saved, **overrides}, source=str(run.config_path))
-        train(cfg, run.path, resume=True, progress=not args.no_progress)
+        result = train(cfg, run.path, resume=True, progress=not args.no_progress)
+        _finish_control_run(run.path, result)
         return
     if not args.env_id:
         raise UserError("missing ENV_ID: give a Gymnasium environment id, e.g. `proxrl train CartPole-v1`")
@@ -61,9 +62,18 @@ def _train(args: argparse.Namespace) -> None:
     cfg = C.build(ControlConfig, args, base=base)
     run_dir = args.run_dir or f"runs/{args.env_id}_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
     result = train(cfg, run_dir, resume=False, progress=not args.no_progress)
-    print(f"run directory: {run_dir}")
-    if isinstance(result, dict) and result:
-        print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    _finish_control_run(run_dir, result)
+
+
+def _finish_control_run(run_dir: str | Path, result: dict) -> None:
+    from proxrl.control import plot_run
+
+    plots = plot_run(run_dir)
+    print(f"run directory: {run_dir}  (plots: {', '.join(p.name for p in plots)})")
+    keys = ("global_step", "eval_return_mean", "eval_return_std", "episodic_return", "train_seconds", "steps_per_second")
+    shown = {k: result[k] for k in keys if isinstance(result, dict) and k in result}
+    if shown:
+        print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 
 
 def _eval(args: argparse.Namespace) -> None:
