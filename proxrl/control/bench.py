@@ -1,6 +1,7 @@
 """Speed benchmark of a preset: env steps and training seconds to the first deterministic eval >= a target.
 
     python -m proxrl.control.bench --env CartPole-v1 --seeds 1,2,3 --target 475 --eval-every 5000 --episodes 20
+    python -m proxrl.control.bench --backend autograd     # the nn + autograd reference gradient, for A/B
 
 Trains the preset (its own ``total_steps``, so the lr/clip schedules are the preset's) with
 ``target_return`` set, and reports for each seed the env steps and ``train_seconds`` (rollouts + updates +
@@ -10,6 +11,8 @@ Not a unit test: timings depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import statistics
 import tempfile
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from proxrl.control.config import ControlConfig
 from proxrl.control.presets import PRESETS
+from proxrl.control.ppo import BACKENDS, ppo_update
 from proxrl.control.train import train
 
 
@@ -28,7 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target", type=float, default=475.0)
     ap.add_argument("--eval-every", type=int, default=5000)
     ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--backend", choices=BACKENDS, default="numpy",
+                    help="how the PPO gradient is computed (see proxrl.control.ppo.ppo_update); 'autograd' = reference")
     args = ap.parse_args(argv)
+    if args.backend != "numpy":
+        # train() looks ppo_update up in its module at call time
+        importlib.import_module("proxrl.control.train").ppo_update = functools.partial(ppo_update, backend=args.backend)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
