@@ -42,7 +42,7 @@ class _Timers:
         self.totals: dict[str, list[float]] = {}
 
     def wrap(self, owner: object, name: str, key: str) -> None:
-        fn = getattr(owner, name, None)
+        fn = None if owner is None else getattr(owner, name, None)
         if fn is None:
             return
         slot = self.totals.setdefault(key, [0.0, 0])
@@ -57,6 +57,15 @@ class _Timers:
                 slot[1] += 1
 
         setattr(owner, name, timed)
+
+
+def _optional(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def _install_breakdown() -> _Timers:
@@ -87,14 +96,18 @@ def _install_breakdown() -> _Timers:
     timers.wrap(running_stats.RewardScaler, "__call__", "rollout.reward_scaler")
     timers.wrap(train_mod, "ppo_update", "update")
     timers.wrap(ppo_mod, "compute_advantages", "update.gae")
+    # numpy backend (closed-form loss gradient, hand-written MLP backward), if present
+    ppo_grad, mlp_grad = _optional("proxrl.control.ppo_grad"), _optional("proxrl.control.mlp_grad")
+    if ppo_grad is not None:
+        timers.wrap(getattr(ppo_grad, "NumpyPPOGradient", None), "__call__", "update.loss_and_grad")
+    if mlp_grad is not None:
+        timers.wrap(getattr(mlp_grad, "NumpyMLP", None), "forward", "update.forward")
+        timers.wrap(getattr(mlp_grad, "NumpyMLP", None), "backward", "update.backward")
+    # autograd backend (nn forward, loss.backward()), if used
     timers.wrap(policy.ActorCritic, "evaluate", "update.forward")
-    timers.wrap(ppo_mod, "policy_loss", "update.losses")
-    timers.wrap(ppo_mod, "value_loss", "update.losses")
-    timers.wrap(ppo_mod, "normalize", "update.losses")
     timers.wrap(torch.Tensor, "backward", "update.backward")
-    timers.wrap(ppo_mod, "clip_grad_norm", "update.optimizer")
-    timers.wrap(adam.FlatAdam, "step", "update.optimizer")
-    timers.wrap(ppo_mod, "explained_variance", "update.metrics")
+    timers.wrap(ppo_mod, "clip_grad_norm", "update.clip")
+    timers.wrap(adam.FlatAdam, "step", "update.adam")
     timers.wrap(train_mod.MetricsLogger, "log", "log")
     timers.wrap(Evaluator, "evaluate", "evaluation (excluded)")
     timers.wrap(train_mod, "save_checkpoint", "checkpoint (excluded)")

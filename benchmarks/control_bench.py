@@ -235,37 +235,38 @@ def print_breakdown(r: dict) -> dict:
     b = {k: v["seconds"] for k, v in r["breakdown"].items()}
     calls = {k: v["calls"] for k, v in r["breakdown"].items()}
     total = r["train_seconds"]
+    vsteps = calls.get("rollout.env_step", 0)
+    mb = calls.get("update.adam", 0)
+    g = b.get
     rows = [
-        ("rollout: env.step", b.get("rollout.env_step", 0.0)),
-        ("rollout: policy act (forward + sampling)", b.get("rollout.policy_act", 0.0)),
-        ("rollout: obs/reward normalisers", b.get("rollout.obs_norm", 0.0) + b.get("rollout.reward_scaler", 0.0)),
+        ("rollout: env.step", g("rollout.env_step", 0.0), vsteps),
+        ("rollout: policy act (forward + sampling)", g("rollout.policy_act", 0.0), vsteps),
+        ("rollout: obs/reward normalisers", g("rollout.obs_norm", 0.0) + g("rollout.reward_scaler", 0.0), vsteps),
     ]
-    rows.append(("rollout: other (buffers, bookkeeping, last value)", b.get("rollout", 0.0) - sum(v for _, v in rows)))
-    upd = [
-        ("update: GAE", b.get("update.gae", 0.0)),
-        ("update: policy/value forward", b.get("update.forward", 0.0)),
-        ("update: losses (surrogate, value, adv. norm)", b.get("update.losses", 0.0)),
-        ("update: backward", b.get("update.backward", 0.0)),
-        ("update: grad clip + Adam", b.get("update.optimizer", 0.0)),
-    ]
-    upd.append(("update: other (indexing, randperm, metrics)", b.get("update", 0.0) - sum(v for _, v in upd)))
+    rows.append(("rollout: other (buffers, bookkeeping, last V)", g("rollout", 0.0) - sum(v for _, v, _ in rows), vsteps))
+    fwd, bwd = g("update.forward", 0.0), g("update.backward", 0.0)
+    n_upd = calls.get("update", 0)
+    upd = [("update: GAE", g("update.gae", 0.0), n_upd), ("update: MLP forward (actor + critic)", fwd, mb)]
+    if "update.loss_and_grad" in b:  # numpy backend: loss maths = the call minus the MLP passes inside it
+        upd.append(("update: loss + d loss/d outputs", g("update.loss_and_grad") - fwd - bwd, mb))
+    upd.append(("update: MLP backward", bwd, mb))
+    upd.append(("update: grad clip", g("update.clip", 0.0), mb))
+    upd.append(("update: Adam", g("update.adam", 0.0), mb))
+    upd.append(("update: other (gathers, expl. var., loop)", g("update", 0.0) - sum(v for _, v, _ in upd), n_upd))
     rows += upd
-    rows.append(("metrics logging", b.get("log", 0.0)))
-    rows.append(("train loop other (schedules, rows)", total - sum(v for _, v in rows)))
+    rows.append(("metrics logging", g("log", 0.0), calls.get("log", 0)))
+    rows.append(("train loop other (schedules, rows, timers)", total - sum(v for _, v, _ in rows), 0))
     print(f"\nproxrl CartPole-v1 seed {r['seed']}: {r['steps']} steps, train_seconds {total:.3f} "
-          f"({r['steps'] / total:.0f} steps/s); {calls.get('rollout.env_step', 0)} vector env steps, "
-          f"{calls.get('update.backward', 0)} minibatch steps")
-    print(f"{'stage':<48} {'seconds':>8} {'share':>6} {'us/call':>8}")
-    keys = {"rollout: env.step": "rollout.env_step", "rollout: policy act (forward + sampling)": "rollout.policy_act",
-            "update: policy/value forward": "update.forward", "update: backward": "update.backward"}
-    for name, sec in rows:
-        k = keys.get(name)
-        per = f"{sec / calls[k] * 1e6:8.1f}" if k and calls.get(k) else ""
-        print(f"{name:<48} {sec:>8.3f} {sec / total:>6.1%} {per:>8}")
+          f"({r['steps'] / total:.0f} steps/s); {vsteps} vector env steps (8 envs), {mb} minibatch steps")
+    print(f"{'stage':<46} {'seconds':>8} {'share':>6} {'us per':>12}")
+    for name, sec, n in rows:
+        unit = "vec step" if name.startswith("rollout") else "minibatch" if n == mb else "update" if n == n_upd else ""
+        per = f"{sec / n * 1e6:6.1f} {unit}" if n else ""
+        print(f"{name:<46} {sec:>8.3f} {sec / total:>6.1%}   {per}")
     for k in ("evaluation (excluded)", "checkpoint (excluded)"):
         if k in b:
-            print(f"{k:<48} {b[k]:>8.3f}")
-    return dict(rows)
+            print(f"{k:<46} {b[k]:>8.3f}")
+    return {name: sec for name, sec, _ in rows}
 
 
 def _profile(out: str, steps: int) -> dict:
