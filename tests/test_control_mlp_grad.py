@@ -111,3 +111,52 @@ def test_numpy_views_follow_optimizer_updates():
     np.testing.assert_allclose(nets.actor.forward(obs.numpy()), ref.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(NumpyPolicy(policy).value(obs.numpy()),
                                policy.value(obs).detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def _rollout(discrete, t=16, n=4, obs_dim=4, n_act=3, dtype=torch.float64, seed=0):
+    from proxrl.control.rollout import Rollout
+
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(t + 1, n, generator=g, dtype=dtype)
+    valid = torch.rand(t, n, generator=g) > 0.1
+    return Rollout(
+        obs=torch.randn(t, n, obs_dim, generator=g, dtype=dtype),
+        actions=torch.randint(0, n_act, (t, n), generator=g) if discrete else torch.randn(t, n, n_act, generator=g, dtype=dtype),
+        logprobs=-torch.rand(t, n, generator=g, dtype=dtype) - 0.5,
+        values=values[:t], next_values=values[1:],
+        rewards=torch.randn(t, n, generator=g, dtype=dtype),
+        terminated=torch.rand(t, n, generator=g) > 0.9, truncated=torch.rand(t, n, generator=g) > 0.95, valid=valid,
+        episode_returns=[], episode_lengths=[],
+    )
+
+
+@pytest.mark.parametrize("discrete,minibatches,extra", [
+    (True, 1, {}), (True, 4, {"clip_value_coef": 0.2, "entropy_coef": 0.01}), (False, 2, {"target_kl": 0.003}),
+    (False, 1, {"entropy_coef": 0.01, "norm_adv": False}),
+])
+def test_ppo_update_backends_agree(discrete, minibatches, extra):
+    """Whole updates (epochs, minibatches, clipping, Adam, target-KL stop) give the same weights and metrics."""
+    from proxrl.control.adam import FlatAdam
+    from proxrl.control.ppo import BACKENDS, ppo_update
+
+    cfg = ControlConfig(**{**PRESETS["CartPole-v1"], "num_envs": 4, "rollout_steps": 16, "epochs": 5,
+                           "num_minibatches": minibatches, **extra})
+    results = []
+    for backend in BACKENDS:
+        policy, flat, _ = _setup(discrete, (64, 64), "tanh")
+        optimizer = FlatAdam(flat, lr=1e-3, eps=1e-5)
+        rollout = _rollout(discrete)
+        with torch.no_grad():  # behaviour log-probs near the current policy's, so that the KL starts small
+            logp, _, _ = policy.evaluate(rollout.obs, rollout.actions)
+            rollout.logprobs = logp + 0.02 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2),
+                                                         dtype=logp.dtype)
+        metrics = ppo_update(policy, optimizer, flat, rollout, cfg, 0.2, torch.Generator().manual_seed(1),
+                             backend=backend)
+        results.append((flat.detach().clone(), metrics))
+    (ref, ref_metrics), others = results[-1], results[:-1]
+    assert BACKENDS[-1] == "autograd" and ref_metrics["minibatch_steps"] > 0
+    if "target_kl" in extra:
+        assert ref_metrics["early_stop_epoch"] < cfg.epochs
+    for weights, metrics in others:
+        torch.testing.assert_close(weights, ref, rtol=1e-9, atol=1e-11)
+        assert metrics == pytest.approx(ref_metrics, rel=1e-9, abs=1e-11, nan_ok=True)
