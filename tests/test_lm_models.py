@@ -138,6 +138,37 @@ def test_load_scalar_model(model, tok, batch, tmp_path):
     M.check_tokenizer_fits(again, tok, tmp_path / "rm")
 
 
+def test_scalar_init_from_causal_prints_no_load_report_but_real_problems_do(model, tmp_path):
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    hf = logging.getLogger("transformers.modeling_utils")
+    handler = Keep(level=logging.WARNING)
+    hf.addHandler(handler)
+    try:
+        model.save_pretrained(tmp_path / "lm")
+        assert not M.is_scalar_model_dir(tmp_path / "lm")
+        M.scalar_model_from_causal(tmp_path / "lm", head_std=0.0)  # score.weight missing: expected, not reported
+        assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+        # a checkpoint that lacks a trunk weight: the report is shown and loading fails
+        sd = load_file(str(tmp_path / "lm" / "model.safetensors"))
+        del sd[next(k for k in sd if k.endswith("attn.c_attn.bias"))]
+        save_file(sd, str(tmp_path / "lm" / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(UserError, match="trunk weights"):
+            M.scalar_model_from_causal(tmp_path / "lm")
+        assert [r for r in records if "LOAD REPORT" in r.getMessage() and "c_attn" in r.getMessage()]
+        assert not hf.filters  # the temporary filter is gone
+    finally:
+        hf.removeHandler(handler)
+
+
 # ------------------------------------------------------------------ scalar heads
 
 

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("vaderSentiment")
 
 from proxrl.errors import UserError  # noqa: E402
-from proxrl.lm.pipeline import DemoConfig, run_demo  # noqa: E402
+from proxrl.lm.pipeline import DemoConfig, diversity, run_demo  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -20,15 +20,18 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_quick_sentiment_demo_end_to_end(tmp_path, capsys):
+def test_quick_sentiment_demo_end_to_end(tmp_path, capfd):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "demo"
     summary = run_demo("sentiment", out, seed=0, quick=True, threads=1, progress=False)
-    text = capsys.readouterr().out
-    assert "before (SFT)" in text and "after  (PPO)" in text and "stage timings" in text
-    for key in ("vader", "rm_score", "kl_to_sft"):
+    text, err = capfd.readouterr()
+    assert "before (SFT)" in text and "after (PPO)" in text and "stage timings" in text
+    assert "metric improved: mean VADER sentiment" in text and "distinct-2" in text
+    assert "LOAD REPORT" not in text + err  # critic / reward model initialised from the SFT trunk, quietly
+    for key in ("vader", "rm_score", "kl_to_sft", "distinct_2", "unique", "top_trigram_fraction"):
         assert key in summary["before"] and key in summary["after"]
+    assert summary["run_dir"] == str(out)
     assert json.loads((out / "summary.json").read_text())["task"] == "sentiment"
     for d in ("sft", "ppo/policy"):
         AutoModelForCausalLM.from_pretrained(out / d)
@@ -46,7 +49,7 @@ def test_quick_arithmetic_demo_end_to_end(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "ppo" / "policy")
 
 
-def test_demo_refuses_non_empty_out_dir_and_bad_task(tmp_path):
+def test_demo_refuses_non_empty_run_dir_and_bad_task(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "f").write_text("keep me")
     with pytest.raises(UserError, match="not empty"):
@@ -54,3 +57,12 @@ def test_demo_refuses_non_empty_out_dir_and_bad_task(tmp_path):
     assert (tmp_path / "x" / "f").read_text() == "keep me"
     with pytest.raises(UserError, match="task"):
         DemoConfig(task="chess")  # type: ignore[arg-type]
+
+
+def test_diversity_figures():
+    d = diversity(["I am sure it is", "I am sure it is", "she said I am sure", "a b"])
+    assert d["unique"] == 0.75
+    assert d["top_trigram"] == "i am sure" and d["top_trigram_fraction"] == 0.75
+    # bigrams: 4 + 4 + 4 + 1 = 13, distinct: (i am, am sure, sure it, it is, she said, said i, a b) = 7
+    assert abs(d["distinct_2"] - 7 / 13) < 1e-12
+    assert diversity([])["unique"] == 0.0 and diversity([""])["distinct_2"] == 0.0

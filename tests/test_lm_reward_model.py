@@ -54,7 +54,7 @@ def test_bradley_terry_learns_easy_preference(tmp_path, tiny_lm):
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in _easy_pairs(600)))
-    cfg = RM.RewardModelConfig(data=str(data), model=str(tiny_lm), output_dir=str(tmp_path / "rm"), batch_size=32,
+    cfg = RM.RewardModelConfig(data=str(data), model=str(tiny_lm), run_dir=str(tmp_path / "rm"), batch_size=32,
                                max_steps=120, learning_rate=3e-3, eval_fraction=0.2, eval_every=60, progress=False)
     res = RM.train_reward_model(cfg)
     assert res["eval_accuracy"] > 0.9, res
@@ -87,7 +87,7 @@ def test_score_read_at_last_real_token_with_pad_equal_eos(tiny_lm):
 def test_bad_jsonl_line_is_named(tmp_path, tiny_lm):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a", "rejected": "b"}\n{"chosen": "a", oops}\n')
-    cfg = RM.RewardModelConfig(data=str(data), model=str(tiny_lm), output_dir=str(tmp_path / "rm"), progress=False)
+    cfg = RM.RewardModelConfig(data=str(data), model=str(tiny_lm), run_dir=str(tmp_path / "rm"), progress=False)
     with pytest.raises(UserError) as e:
         RM.train_reward_model(cfg)
     assert "line 3" in str(e.value) and "\n" not in str(e.value)
@@ -106,3 +106,35 @@ def test_config_validation():
         RM.RewardModelConfig(data="x.jsonl")
     with pytest.raises(UserError, match="lr_schedule"):
         RM.RewardModelConfig(data="x.jsonl", model="m", lr_schedule="warm")
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_lm, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from proxrl.runs import read_metrics
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in _easy_pairs(120)))
+    kw = dict(data=str(data), model=str(tiny_lm), batch_size=16, max_steps=10, eval_every=4, log_every=3,
+              checkpoint_every=4, learning_rate=3e-3, eval_fraction=0.2, progress=False)
+    full = RM.train_reward_model(RM.RewardModelConfig(run_dir=str(tmp_path / "a"), **kw))
+
+    real, calls = RM.pair_loss, {"n": 0}
+
+    def crash_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(RM, "pair_loss", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        RM.train_reward_model(RM.RewardModelConfig(run_dir=str(tmp_path / "b"), **kw))
+    monkeypatch.setattr(RM, "pair_loss", real)
+    res = RM.train_reward_model(RM.load_run_config(tmp_path / "b"), resume=True)  # from step 4
+
+    assert res["eval_accuracy"] == full["eval_accuracy"] and res["eval_loss"] == full["eval_loss"]
+    assert read_metrics(tmp_path / "b") == read_metrics(tmp_path / "a")
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

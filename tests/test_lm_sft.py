@@ -70,7 +70,7 @@ def test_train_sft_lowers_loss_and_saves_loadable_model(tmp_path, char_tok):
     data = tmp_path / "add.jsonl"
     recs = A.sft_records(A.make_problems(400, seed=1, max_digits=2))
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    cfg = S.SFTConfig(data=str(data), model="tiny-gpt2", tokenizer=str(char_tok), output_dir=str(tmp_path / "sft"),
+    cfg = S.SFTConfig(data=str(data), model="tiny-gpt2", tokenizer=str(char_tok), run_dir=str(tmp_path / "sft"),
                       n_layer=1, n_embd=32, n_head=2, n_positions=32, max_length=16, batch_size=32, max_steps=60,
                       learning_rate=3e-3, warmup_steps=5, eval_every=30, eval_fraction=0.1, progress=False)
     res = S.train_sft(cfg)
@@ -87,7 +87,7 @@ def test_train_sft_lowers_loss_and_saves_loadable_model(tmp_path, char_tok):
 def test_train_sft_on_plain_text_with_trained_bpe(tmp_path):
     data = tmp_path / "t.txt"
     data.write_text("\n".join(["the cat sat on the mat", "the dog sat on the log"] * 40) + "\n")
-    cfg = S.SFTConfig(data=str(data), output_dir=str(tmp_path / "o"), vocab_size=300, n_layer=1, n_embd=32,
+    cfg = S.SFTConfig(data=str(data), run_dir=str(tmp_path / "o"), vocab_size=300, n_layer=1, n_embd=32,
                       n_head=2, n_positions=32, max_length=16, batch_size=16, max_steps=30, learning_rate=3e-3,
                       progress=False)
     res = S.train_sft(cfg)
@@ -105,4 +105,49 @@ def test_config_errors_are_one_line():
 
 def test_missing_data_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        S.train_sft(S.SFTConfig(data=str(tmp_path / "nope.txt"), output_dir=str(tmp_path / "o"), progress=False))
+        S.train_sft(S.SFTConfig(data=str(tmp_path / "nope.txt"), run_dir=str(tmp_path / "o"), progress=False))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from proxrl.runs import read_metrics
+
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(f"the {w} sat on the {v}" for w in ("cat", "dog", "cow") for v in ("mat", "log")) * 20)
+    kw = dict(data=str(data), vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=32, max_length=16,
+              batch_size=8, max_steps=12, eval_every=4, log_every=3, checkpoint_every=5, progress=False)
+    full = S.train_sft(S.SFTConfig(run_dir=str(tmp_path / "a"), **kw))
+
+    real, calls = S.lm_loss, {"n": 0}
+
+    def crash_at_step_8(model, batch, reduction="mean"):
+        if reduction == "mean":
+            calls["n"] += 1
+            if calls["n"] == 8:
+                raise KeyboardInterrupt
+        return real(model, batch, reduction)
+
+    monkeypatch.setattr(S, "lm_loss", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        S.train_sft(S.SFTConfig(run_dir=str(tmp_path / "b"), **kw))
+    monkeypatch.setattr(S, "lm_loss", real)
+    res = S.train_sft(S.load_run_config(tmp_path / "b"), resume=True)  # from checkpoints/step_000000005
+
+    assert res["eval_loss"] == full["eval_loss"] and res["tokens"] == full["tokens"]
+    assert read_metrics(tmp_path / "b") == read_metrics(tmp_path / "a")
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_needs_a_run_with_a_checkpoint(tmp_path):
+    data = tmp_path / "t.txt"
+    data.write_text("the cat sat on the mat\n" * 40)
+    cfg = S.SFTConfig(data=str(data), run_dir=str(tmp_path / "o"), vocab_size=300, n_layer=1, n_embd=32, n_head=2,
+                      n_positions=32, max_length=16, batch_size=8, max_steps=3, progress=False)
+    with pytest.raises(UserError, match="no run"):
+        S.train_sft(cfg, resume=True)
+    S.train_sft(cfg)
+    with pytest.raises(UserError, match="checkpoint-every"):
+        S.train_sft(cfg, resume=True)

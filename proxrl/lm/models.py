@@ -19,9 +19,10 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -216,18 +217,57 @@ def check_tokenizer_fits(model: Any, tokenizer: Any, model_dir: str | Path | Non
 # ----------------------------------------------------------------------------------------------- loading
 
 
+class _HoldLoadReport(logging.Filter):
+    """Holds back transformers' "LOAD REPORT" warning (a table of missing/unexpected weights) while installed on
+    the ``transformers.modeling_utils`` logger; :meth:`release` re-emits what it held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self, logger: logging.Logger) -> None:
+        for record in self.held:
+            logger.handle(record)
+        self.held.clear()
+
+
 def _from_pretrained(auto_cls: Any, path: str | Path, what: str, dtype: Any, trust_remote_code: bool,
-                     **kw: Any) -> tuple[Any, dict]:
+                     expected_missing: Callable[[str], bool] | None = None, **kw: Any) -> tuple[Any, dict]:
+    """``auto_cls.from_pretrained`` on a local directory -> ``(model, loading_info)``; UserError on failure.
+
+    ``expected_missing(key)`` names parameters the caller expects to be absent from the checkpoint (a scalar head
+    initialised from a causal LM): transformers' LOAD REPORT table is then not printed when those are the only
+    keys it lists (and no checkpoint key went unused). Any other report, and every error, is shown as usual.
+    """
     p = _check_model_dir(path, what)
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hold = _HoldLoadReport()
+    hf_logger.addFilter(hold)
     try:
         model, info = auto_cls.from_pretrained(
             str(p), dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, local_files_only=True,
             output_loading_info=True, **kw)
     except UserError:
+        hf_logger.removeFilter(hold)
+        hold.release(hf_logger)
         raise
     except Exception as e:  # noqa: BLE001
+        hf_logger.removeFilter(hold)
+        hold.release(hf_logger)
         raise UserError(f"could not load the {what} from {str(path)!r} ({_one_line(e)}); check that the "
                         f"directory holds config.json and complete weights written by save_pretrained") from e
+    hf_logger.removeFilter(hold)
+    only_expected = (expected_missing is not None and not info.get("unexpected_keys")
+                     and not info.get("mismatched_keys") and not info.get("error_msgs")
+                     and all(expected_missing(k) for k in info.get("missing_keys") or ()))
+    if not only_expected:
+        hold.release(hf_logger)
     return model, info
 
 
@@ -267,8 +307,12 @@ def load_scalar_model(path: str | Path, dtype: str | torch.dtype | None = None, 
     """
     from transformers import AutoModelForSequenceClassification
 
+    def head_key(k: str) -> bool:
+        return k.split(".")[0] in ("score", "classifier")
+
     model, info = _from_pretrained(AutoModelForSequenceClassification, path, "scalar model", dtype,
-                                   trust_remote_code, num_labels=1)
+                                   trust_remote_code, expected_missing=head_key if allow_new_head else None,
+                                   num_labels=1)
     missing = list(info.get("missing_keys") or [])
     heads = set(_head_keys(model))
     trunk_missing = [k for k in missing if k not in heads]
@@ -280,6 +324,17 @@ def load_scalar_model(path: str | Path, dtype: str | torch.dtype | None = None, 
                         f"reward model; train one first or initialise with scalar_model_from_causal")
     _ensure_pad_id(model)
     return model.eval()
+
+
+def is_scalar_model_dir(path: str | Path) -> bool:
+    """True if ``path/config.json`` names a sequence-classification architecture (a saved reward model / critic);
+    False for a causal LM, or when the directory or its config is missing or unreadable (loading then reports)."""
+    try:
+        cfg = json.loads((Path(path).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+    return any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in archs or ())
 
 
 def _ensure_pad_id(model: Any) -> None:

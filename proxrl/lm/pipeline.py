@@ -14,7 +14,7 @@
 come from a sloppy labeller (the carries of 60% of the problems that carry are dropped), so it is right only part
 of the time; then PPO with the exact-match checker as the reward; metric: held-out exact-match accuracy (greedy).
 
-Everything lands in ``out_dir``: ``tokenizer/``, ``data/``, ``sft/``, ``reward_model/``, ``ppo/`` (final policy in
+Everything lands in ``run_dir``: ``tokenizer/``, ``data/``, ``sft/``, ``reward_model/``, ``ppo/`` (final policy in
 ``ppo/policy/``), ``summary.json`` and ``summary.md``. Each model directory loads with ``from_pretrained``.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ class DemoConfig:
     """Options of ``proxrl demo``."""
 
     task: Literal["sentiment", "arithmetic"] = opt("sentiment", "built-in task: 'sentiment' (Austen + VADER preferences -> reward model -> PPO) or 'arithmetic' (addition, exact-match reward)")
-    out_dir: str | None = opt(None, "directory for every stage's output (default: runs/demo_<task>_<timestamp>)")
+    run_dir: str | None = opt(None, "directory for every stage's output (default: runs/demo_<task>_<timestamp>)")
     seed: int = opt(0, "random seed of every stage")
     quick: bool = opt(False, "tiny sizes: a smoke test of the whole pipeline in well under a minute (no real improvement expected)")
     threads: int = opt(2, "torch CPU threads (0 = torch's default)")
@@ -47,7 +47,7 @@ class DemoConfig:
         check(self.task in ("sentiment", "arithmetic"), f"task={self.task!r} must be 'sentiment' or 'arithmetic'")
         check(self.threads >= 0, f"threads={self.threads} must be >= 0")
         check(self.samples >= 0, f"samples={self.samples} must be >= 0")
-        check(self.out_dir is None or bool(self.out_dir), "out_dir is empty; give --out-dir DIR")
+        check(self.run_dir is None or bool(self.run_dir), "run_dir is empty; give --run-dir DIR")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,11 @@ class DemoSizes:
     eval_prompts: int
     # arithmetic: probability that the SFT labeller drops the carries of a problem that carries
     carry_error: float = 0.0
+    # PPO KL control: adaptive beta (Ziegler et al. 2019) towards kl_target nats per completion
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    entropy_coef: float = 0.0
 
 
 SIZES: dict[tuple[str, bool], DemoSizes] = {
@@ -165,6 +170,27 @@ def _short(s: str, n: int = 60) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+def diversity(texts: Sequence[str]) -> dict[str, Any]:
+    """Diversity of a set of completions (word level, case-folded, punctuation kept as part of words).
+
+    Returns ``distinct_1`` / ``distinct_2``: unique word unigrams / bigrams over all unigrams / bigrams of the set
+    (Li et al. 2016, corpus level); ``unique``: fraction of distinct completions; ``top_trigram`` and
+    ``top_trigram_fraction``: the word 3-gram found in the most completions and the fraction of completions
+    containing it (a policy collapsing onto one stock phrase drives it up).
+    """
+    from collections import Counter
+
+    toks = [t.lower().split() for t in texts]
+    uni = [w for t in toks for w in t]
+    bi = [b for t in toks for b in zip(t, t[1:])]
+    tri = Counter(g for t in toks for g in set(zip(t, t[1:], t[2:])))
+    top, top_n = tri.most_common(1)[0] if tri else ((), 0)
+    n = max(len(texts), 1)
+    return {"distinct_1": len(set(uni)) / max(len(uni), 1), "distinct_2": len(set(bi)) / max(len(bi), 1),
+            "unique": len({" ".join(t) for t in toks}) / n, "top_trigram": " ".join(top),
+            "top_trigram_fraction": top_n / n}
+
+
 # ----------------------------------------------------------------------------------------------- stages
 
 
@@ -234,18 +260,41 @@ def _ppo(sizes: DemoSizes, out: Path, seed: int, prompts: list[str], progress: b
     cfg = PPOConfig(policy=str(out / "sft"), reward_model=reward_model, reward_fn=reward_fn,
                     run_dir=str(out / "ppo"), seed=seed, total_updates=sizes.ppo_updates,
                     rollout_size=sizes.ppo_rollout, minibatch_size=sizes.ppo_minibatch, epochs=sizes.ppo_epochs,
-                    learning_rate=sizes.ppo_lr, kl_coef=sizes.kl_coef, max_new_tokens=sizes.max_new_tokens,
+                    learning_rate=sizes.ppo_lr, kl_coef=sizes.kl_coef, adaptive_kl=sizes.adaptive_kl,
+                    kl_target=sizes.kl_target, kl_horizon=sizes.kl_horizon, entropy_coef=sizes.entropy_coef,
+                    max_new_tokens=sizes.max_new_tokens,
                     temperature=sizes.temperature, max_prompt_length=sizes.max_length,
                     sample_every=0, checkpoint_every=0, threads=threads)
     return train_ppo(cfg, prompts, progress=progress)
 
 
-def _print_samples(rows: list[tuple[str, str, float, str, float]], metric: str) -> list[str]:
-    lines = []
+def _side_by_side(rows: list[tuple[str, str, float, str, float]], metric: str, prompt_w: int = 18,
+                  col_w: int = 40) -> list[str]:
+    """Before/after samples as a table: prompt | SFT completion | PPO completion (wrapped, each with its score)."""
+    import textwrap
+
+    def score(v: float) -> str:
+        return ("right" if v > 0.5 else "wrong") if metric == "correct" else f"{v:+.2f}"
+
+    def cell(text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()) or "(empty)", width) or [""]
+
+    sw = max(len(score(v)) for r in rows for v in (r[2], r[4]))
+    head = f"  {'prompt':<{prompt_w}} | {'before (SFT)  [' + metric + ']':<{sw + 1 + col_w}} | after (PPO)  [{metric}]"
+    lines = [head]
     for prompt, before, sb, after, sa in rows:
-        lines += [f"  prompt: {prompt!r}",
-                  f"    before (SFT) [{metric} {sb:+.2f}]: {_short(before)!r}",
-                  f"    after  (PPO) [{metric} {sa:+.2f}]: {_short(after)!r}"]
+        cols = [cell(prompt, prompt_w), cell(before, col_w), cell(after, col_w)]
+        for i in range(max(len(c) for c in cols)):
+            p = cols[0][i] if i < len(cols[0]) else ""
+            b = (score(sb) if i == 0 else "").rjust(sw) + " " + (cols[1][i] if i < len(cols[1]) else "")
+            a = (score(sa) if i == 0 else "").rjust(sw) + " " + (cols[2][i] if i < len(cols[2]) else "")
+            lines.append(f"  {p:<{prompt_w}} | {b:<{sw + 1 + col_w}} | {a}".rstrip())
+    lines.insert(1, "  " + "-" * (max(len(ln) for ln in lines) - 2))
+    return lines
+
+
+def _print_samples(rows: list[tuple[str, str, float, str, float]], metric: str) -> list[str]:
+    lines = _side_by_side(rows, metric)
     print("\n".join(lines))
     return lines
 
@@ -256,9 +305,58 @@ def _load(path: Path) -> tuple[Any, Any]:
     return load_causal_lm(path), load_tokenizer(path)
 
 
+def evaluate_sentiment(policy: Any, ref: Any, tokenizer: Any, rm_model: Any, prompts: Sequence[str],
+                       sizes: DemoSizes, seed: int) -> dict[str, Any]:
+    """Sample one completion per held-out prompt from the SFT model (``ref``) and from ``policy`` (same seed) and
+    measure both sets: mean VADER, fraction positive, reward-model score, KL(model || SFT) in nats per completion,
+    EOS rate and :func:`diversity`.
+
+    Returns ``{"before": metrics, "after": metrics, "completions": {"before": [...], "after": [...]},
+    "vader": {"before": [...], "after": [...]}}``.
+    """
+    from proxrl.lm.reward_model import encode_pair_side, score_sequences
+    from proxrl.lm.tasks import sentiment as S
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kw = dict(max_new_tokens=sizes.max_new_tokens, temperature=sizes.temperature, seed=seed)
+    out: dict[str, Any] = {"completions": {}, "vader": {}}
+    for name, model in (("before", ref), ("after", policy)):
+        s = sample(model, tokenizer, prompts, ref_model=ref, **kw)
+        vader = S.vader_scores(s["completions"])
+        # as PPO scores them: the EOS token is part of a finished completion
+        seqs = [encode_pair_side(tokenizer, p, c, sizes.max_length + sizes.max_new_tokens + 1, f)
+                for p, c, f in zip(prompts, s["completions"], s["finished"])]
+        rms = score_sequences(rm_model, seqs, pad).tolist()
+        out[name] = {"vader": _mean(vader), "vader_positive_fraction": _mean([float(v > 0.05) for v in vader]),
+                     "rm_score": _mean(rms), "kl_to_sft": _mean(s["kl"]),
+                     "finished_fraction": _mean([float(f) for f in s["finished"]]),
+                     **diversity(s["completions"])}
+        out["completions"][name] = s["completions"]
+        out["vader"][name] = vader
+    return out
+
+
+def sentiment_metric_lines(ev: dict[str, Any], sizes: DemoSizes, n_prompts: int) -> list[str]:
+    """The human-readable result lines of :func:`evaluate_sentiment` (printed and written to summary.md)."""
+    b, a = ev["before"], ev["after"]
+    return [
+        f"metric improved: mean VADER sentiment {b['vader']:+.3f} -> {a['vader']:+.3f} "
+        f"(held-out prompts; SFT -> PPO, range [-1, 1])",
+        f"positive completions   {b['vader_positive_fraction']:.1%} -> {a['vader_positive_fraction']:.1%}",
+        f"reward-model score     {b['rm_score']:+.3f} -> {a['rm_score']:+.3f}",
+        f"KL(PPO || SFT)         {a['kl_to_sft']:.2f} nats per completion "
+        f"(penalty beta {sizes.kl_coef:g}{f', adaptive towards {sizes.kl_target:g}' if sizes.adaptive_kl else ''})",
+        f"diversity              distinct-2 {b['distinct_2']:.2f} -> {a['distinct_2']:.2f}, unique completions "
+        f"{b['unique']:.0%} -> {a['unique']:.0%}, most common 3-word phrase in {b['top_trigram_fraction']:.0%} -> "
+        f"{a['top_trigram_fraction']:.0%} of completions ({a['top_trigram']!r} after)",
+        f"held-out prompts: {n_prompts}, sampling temperature {sizes.temperature}, "
+        f"{sizes.max_new_tokens} new tokens max, same seed before and after",
+    ]
+
+
 def _run_sentiment(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer) -> dict[str, Any]:
     from proxrl.lm import models as M
-    from proxrl.lm.reward_model import RewardModelConfig, encode_pair_side, score_sequences, train_reward_model
+    from proxrl.lm.reward_model import RewardModelConfig, train_reward_model
     from proxrl.lm.sft import SFTConfig, train_sft
     from proxrl.lm.tasks import sentiment as S
 
@@ -281,7 +379,7 @@ def _run_sentiment(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer) 
     with timer.stage("SFT (tiny GPT-2 trained from scratch)"):
         sft = train_sft(SFTConfig(
             data=str(out / "data" / "sft_train.txt"), model="tiny-gpt2", tokenizer=str(out / "tokenizer"),
-            output_dir=str(out / "sft"), n_layer=sizes.n_layer, n_embd=sizes.n_embd, n_head=sizes.n_head,
+            run_dir=str(out / "sft"), n_layer=sizes.n_layer, n_embd=sizes.n_embd, n_head=sizes.n_head,
             n_positions=sizes.n_positions, max_length=sizes.max_length, max_steps=sizes.sft_steps,
             batch_size=sizes.sft_batch, learning_rate=sizes.sft_lr, eval_every=max(1, sizes.sft_steps // 4),
             seed=seed, progress=cfg.progress), progress=cfg.progress)
@@ -302,7 +400,7 @@ def _run_sentiment(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer) 
 
     with timer.stage("reward model (Bradley-Terry on the pairs)"):
         rm = train_reward_model(RewardModelConfig(
-            data=str(out / "data" / "pairs.jsonl"), model=str(out / "sft"), output_dir=str(out / "reward_model"),
+            data=str(out / "data" / "pairs.jsonl"), model=str(out / "sft"), run_dir=str(out / "reward_model"),
             max_length=sizes.max_length + sizes.max_new_tokens, epochs=sizes.rm_epochs, batch_size=sizes.rm_batch,
             learning_rate=sizes.rm_lr, eval_fraction=0.15, eval_every=50, seed=seed, progress=cfg.progress),
             progress=cfg.progress)
@@ -312,39 +410,16 @@ def _run_sentiment(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer) 
         ppo = _ppo(sizes, out, seed, ppo_prompts, cfg.progress, cfg.threads, reward_model=str(out / "reward_model"))
 
     with timer.stage("evaluation on held-out prompts"):
-        ref = sft_model
         policy, _ = _load(out / "ppo" / "policy")
         rm_model = M.load_scalar_model(out / "reward_model")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        kw = dict(max_new_tokens=sizes.max_new_tokens, temperature=sizes.temperature, seed=seed + 7)
-        before = sample(ref, tok, eval_prompts, ref_model=ref, **kw)
-        after = sample(policy, tok, eval_prompts, ref_model=ref, **kw)
-        res: dict[str, Any] = {}
-        for name, s in (("before", before), ("after", after)):
-            vader = S.vader_scores(s["completions"])
-            # as PPO scores them: the EOS token is part of a finished completion
-            seqs = [encode_pair_side(tok, p, c, sizes.max_length + sizes.max_new_tokens + 1, f)
-                    for p, c, f in zip(eval_prompts, s["completions"], s["finished"])]
-            rms = score_sequences(rm_model, seqs, pad).tolist()
-            res[name] = {"vader": _mean(vader), "vader_positive_fraction": _mean([float(v > 0.05) for v in vader]),
-                         "rm_score": _mean(rms), "kl_to_sft": _mean(s["kl"]),
-                         "finished_fraction": _mean([float(f) for f in s["finished"]]),
-                         "_vader": vader}
-        rows = [(eval_prompts[i], before["completions"][i], res["before"]["_vader"][i], after["completions"][i],
-                 res["after"]["_vader"][i]) for i in range(min(cfg.samples, len(eval_prompts)))]
-    b, a = res["before"], res["after"]
-    metric_lines = [
-        f"held-out prompts: {len(eval_prompts)}, sampling temperature {sizes.temperature}, "
-        f"{sizes.max_new_tokens} new tokens max",
-        f"mean VADER sentiment   SFT {b['vader']:+.3f}  ->  PPO {a['vader']:+.3f}   (improved metric; range [-1, 1])",
-        f"positive completions   SFT {b['vader_positive_fraction']:.1%}  ->  PPO {a['vader_positive_fraction']:.1%}",
-        f"reward-model score     SFT {b['rm_score']:+.3f}  ->  PPO {a['rm_score']:+.3f}",
-        f"KL(PPO || SFT)         {a['kl_to_sft']:.2f} nats per completion",
-        f"reward model held-out accuracy {rm['eval_accuracy']:.1%} on {rm['pairs_eval']} pairs",
+        ev = evaluate_sentiment(policy, sft_model, tok, rm_model, eval_prompts, sizes, seed + 7)
+    b, a = ev["before"], ev["after"]
+    rows = [(eval_prompts[i], ev["completions"]["before"][i], ev["vader"]["before"][i],
+             ev["completions"]["after"][i], ev["vader"]["after"][i]) for i in range(min(cfg.samples, len(eval_prompts)))]
+    metric_lines = sentiment_metric_lines(ev, sizes, len(eval_prompts)) + [
+        f"reward model held-out accuracy {rm['eval_accuracy']:.1%} on {rm['pairs_eval']} pairs; "
         f"SFT held-out loss {sft['eval_loss_initial']:.2f} -> {sft['eval_loss']:.2f} nats/token",
     ]
-    for r in (b, a):
-        r.pop("_vader")
     summary = {"task": "sentiment", "before": b, "after": a, "reward_model": rm, "sft": sft,
                "ppo_last_update": ppo}
     return {"summary": summary, "metric_lines": metric_lines, "rows": rows, "metric": "VADER"}
@@ -372,7 +447,7 @@ def _run_arithmetic(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer)
     with timer.stage("SFT (tiny GPT-2 trained from scratch, stopped early)"):
         sft = train_sft(SFTConfig(
             data=str(out / "data" / "sft_train.jsonl"), model="tiny-gpt2", tokenizer=str(out / "tokenizer"),
-            output_dir=str(out / "sft"), n_layer=sizes.n_layer, n_embd=sizes.n_embd, n_head=sizes.n_head,
+            run_dir=str(out / "sft"), n_layer=sizes.n_layer, n_embd=sizes.n_embd, n_head=sizes.n_head,
             n_positions=sizes.n_positions, max_length=sizes.max_length, max_steps=sizes.sft_steps,
             batch_size=sizes.sft_batch, learning_rate=sizes.sft_lr, eval_every=max(1, sizes.sft_steps // 4),
             seed=seed, progress=cfg.progress), progress=cfg.progress)
@@ -414,14 +489,14 @@ def _run_arithmetic(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer)
 # ----------------------------------------------------------------------------------------------- entry points
 
 
-def run_demo(task: str = "sentiment", out_dir: str | Path | None = None, seed: int = 0, quick: bool = False,
+def run_demo(task: str = "sentiment", run_dir: str | Path | None = None, seed: int = 0, quick: bool = False,
              threads: int = 2, samples: int = 4, progress: bool = True) -> dict[str, Any]:
     """Run the whole offline pipeline on a built-in task; print stage timings, metrics and samples.
 
-    Returns the summary dict (also written to ``out_dir/summary.json``): ``before`` / ``after`` metrics of the
+    Returns the summary dict (also written to ``run_dir/summary.json``): ``before`` / ``after`` metrics of the
     SFT and PPO models on held-out prompts, stage ``timings`` (seconds), and per-stage results.
     """
-    cfg = DemoConfig(task=task, out_dir=str(out_dir) if out_dir is not None else None, seed=seed,  # type: ignore[arg-type]
+    cfg = DemoConfig(task=task, run_dir=str(run_dir) if run_dir is not None else None, seed=seed,  # type: ignore[arg-type]
                      quick=quick, threads=threads, samples=samples, progress=progress)
     return run_demo_config(cfg)
 
@@ -430,9 +505,9 @@ def run_demo_config(cfg: DemoConfig) -> dict[str, Any]:
     """:func:`run_demo` from a :class:`DemoConfig` (the ``proxrl demo`` entry point)."""
     import torch
 
-    out = Path(cfg.out_dir or f"runs/demo_{cfg.task}_{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(cfg.run_dir or f"runs/demo_{cfg.task}_{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
-        raise UserError(f"output directory {str(out)!r} already exists and is not empty; choose another --out-dir")
+        raise UserError(f"output directory {str(out)!r} already exists and is not empty; choose another --run-dir")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -459,7 +534,7 @@ def run_demo_config(cfg: DemoConfig) -> dict[str, Any]:
     print(f"   {'total':<55s} {_fmt_time(total):>6s}")
     summary = r["summary"]
     summary["timings"] = {**timer.stages, "total": total}
-    summary["out_dir"] = str(out)
+    summary["run_dir"] = str(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     md = [f"# proxrl demo: {cfg.task}", "", *[f"- {ln}" for ln in r["metric_lines"]], "", "## samples", "", "```",
           *sample_lines, "```", "", "## stage timings (seconds)", "",

@@ -72,7 +72,7 @@ class PPOConfig:
     bf16: bool = opt(False, "run forwards under torch.autocast(bfloat16) (weights and optimizer stay float32)")
     lora_r: int = opt(0, "LoRA rank for the policy (0 = full fine-tuning); with LoRA the reference is the adapters-disabled base")
     lora_alpha: int = opt(16, "LoRA alpha (peft default 8; 16 is common)")
-    lora_dropout: float = opt(0.0, "LoRA dropout (0 keeps the ratio exactly 1 on the first minibatch)")
+    lora_dropout: float = opt(0.0, "LoRA dropout saved in the adapter config; never applied during PPO: the policy stays in eval mode (dropout off) so the ratio is exactly 1 at the first minibatch")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
     sample_every: int = opt(10, "print (and append to run_dir/samples.md) a prompt/completion/reward table every N updates; 0 = never")
     sample_rows: int = opt(4, "rows in each sample table")

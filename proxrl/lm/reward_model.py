@@ -10,7 +10,7 @@ training continues. The score of a sequence is the head at its last real token, 
 attention mask (:func:`proxrl.lm.models.sequence_scores`), never from ``pad_token_id`` (pad may equal EOS).
 
 The output directory is a run directory that is also a HF model directory:
-``AutoModelForSequenceClassification.from_pretrained(output_dir)`` loads the trained reward model.
+``AutoModelForSequenceClassification.from_pretrained(run_dir)`` loads the trained reward model.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class RewardModelConfig:
     data: str = opt("", "preference JSONL: {prompt, chosen, rejected} or {chosen, rejected} per line")
     model: str = opt("", "local causal-LM directory whose trunk initialises the reward model (or a saved reward model)")
     tokenizer: str | None = opt(None, "tokenizer directory; default: the model directory")
-    output_dir: str = opt("runs/reward_model", "run directory; the final reward model + tokenizer are saved at its top level")
+    run_dir: str = opt("runs/reward_model", "run directory; the final reward model + tokenizer are saved at its top level")
     overwrite: bool = opt(False, "allow writing into an existing run directory")
     max_length: int = opt(128, "tokens per scored sequence (longer ones keep their first max_length tokens)")
     append_eos: bool = opt(True, "append EOS to each completion (PPO scores finished responses at their EOS token)")
@@ -49,6 +49,8 @@ class RewardModelConfig:
     center_coef: float = opt(0.01, "weight of the (r_chosen + r_rejected)^2 penalty keeping scores centred at 0 (TRL center_rewards_coefficient)")
     eval_every: int = opt(50, "evaluate held-out accuracy every N steps (and at the end)")
     log_every: int = opt(10, "log training loss every N steps")
+    checkpoint_every: int = opt(0, "save a resumable checkpoint (weights, optimizer, data order) to checkpoints/ every N steps; 0 = only the final model")
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints (0 = all)")
     seed: int = opt(0, "random seed (head init, split, order)")
     threads: int = opt(0, "torch CPU threads; 0 = leave torch's setting")
     progress: bool = opt(True, "show a progress bar (on a terminal)")
@@ -56,7 +58,7 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         check(bool(self.data), "data is empty; give --data PAIRS.jsonl")
         check(bool(self.model), "model is empty; give --model DIR (a causal LM, e.g. an SFT output directory)")
-        check(bool(self.output_dir), "output_dir is empty; give --output-dir")
+        check(bool(self.run_dir), "run_dir is empty; give --run-dir")
         check(self.max_length >= 2, f"max_length={self.max_length} must be >= 2")
         check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction={self.eval_fraction} must be in [0, 1)")
         check(self.epochs > 0 and math.isfinite(self.epochs), f"epochs={self.epochs} must be > 0")
@@ -71,7 +73,19 @@ class RewardModelConfig:
         check(self.center_coef >= 0 and math.isfinite(self.center_coef), f"center_coef={self.center_coef} must be >= 0")
         check(self.eval_every >= 1, f"eval_every={self.eval_every} must be >= 1")
         check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        check(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
+        check(self.keep_checkpoints >= 0, f"keep_checkpoints={self.keep_checkpoints} must be >= 0")
         check(self.threads >= 0, f"threads={self.threads} must be >= 0")
+
+
+def load_run_config(run_dir: str | Path) -> RewardModelConfig:
+    """The :class:`RewardModelConfig` saved in ``run_dir/config.yaml`` (to resume that run)."""
+    from proxrl.config import from_dict
+    from proxrl.runs import RunDir
+
+    run = RunDir(run_dir)
+    saved = {k: v for k, v in run.read_config().items() if k != "stage"}
+    return from_dict(RewardModelConfig, {**saved, "run_dir": str(run_dir)}, source=str(run.config_path))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -197,35 +211,42 @@ def _init_model(cfg: RewardModelConfig) -> tuple[Any, Any]:
     tok = M.load_tokenizer(cfg.tokenizer or cfg.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        try:
+        if M.is_scalar_model_dir(cfg.model):
             model = M.load_scalar_model(cfg.model)  # continue training a saved reward model
-        except UserError:
+        else:
             model = M.scalar_model_from_causal(cfg.model)
     M.check_tokenizer_fits(model, tok, cfg.model if not cfg.tokenizer else None, what="reward model")
     M.disable_dropout(model)
     return model, tok
 
 
-def train_reward_model(cfg: RewardModelConfig, progress: bool | None = None) -> dict[str, Any]:
-    """Train a scalar reward model on preference pairs; save it and its tokenizer to ``cfg.output_dir``.
+def train_reward_model(cfg: RewardModelConfig, progress: bool | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train a scalar reward model on preference pairs; save it and its tokenizer to ``cfg.run_dir``.
+
+    ``resume=True`` continues ``cfg.run_dir`` from its latest checkpoint (``checkpoint_every`` > 0), ending where
+    an uninterrupted run with the same config would (see :func:`load_run_config`).
 
     Returns:
         dict with ``eval_accuracy`` / ``eval_accuracy_initial`` (held-out preference accuracy after / before
         training), ``train_accuracy``, ``eval_loss``, ``steps``, ``pairs_train``, ``pairs_eval``, ``seconds``,
-        ``output_dir``.
+        ``run_dir``.
     """
     import torch
 
     from proxrl.lm import models as M
     from proxrl.lm.sft import lr_lambda, make_optimizer
+    from proxrl.lm.train_state import load_train_state, resume_checkpoint, save_train_state
     from proxrl.runs import MetricsLogger, RunDir, plot_metrics, progress_bar
 
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    run = RunDir(cfg.run_dir)
+    start_ckpt = resume_checkpoint(run) if resume else None
     pairs = load_pairs(cfg.data)  # validate the data before creating anything
-    run = RunDir(cfg.output_dir).create(exist_ok=cfg.overwrite)
-    run.write_config({"stage": "reward_model", **to_dict(cfg)})
+    run.create(exist_ok=cfg.overwrite or resume)
+    if not resume:
+        run.write_config({"stage": "reward_model", **to_dict(cfg)})
     model, tok = _init_model(cfg)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -251,18 +272,24 @@ def train_reward_model(cfg: RewardModelConfig, progress: bool | None = None) -> 
     opt_ = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total))
     gen = torch.Generator().manual_seed(cfg.seed)
-    logger = MetricsLogger(run.path)
-    ev0 = preference_accuracy(model, ev_c, ev_r, pad)
-    logger.log(0, {f"eval_{k}": v for k, v in ev0.items()})
-    ev = ev0
-    model.train()
-    show = cfg.progress if progress is None else progress
-    bar = progress_bar(total, desc="reward model", unit="step", disable=None if show else True)
     perm: list[int] = []
     win_loss: list[float] = []
     win_acc: list[float] = []
+    start = 0
+    if start_ckpt is not None:
+        start, loop = load_train_state(start_ckpt, model, opt_, sched, gen)
+        perm, win_loss, win_acc, ev0, ev = loop["perm"], loop["win_loss"], loop["win_acc"], loop["ev0"], loop["ev"]
+    logger = MetricsLogger(run.path, resume_from_step=start if resume else None)
+    if start_ckpt is None:
+        ev0 = preference_accuracy(model, ev_c, ev_r, pad)
+        logger.log(0, {f"eval_{k}": v for k, v in ev0.items()})
+        ev = ev0
+    model.train()
+    show = cfg.progress if progress is None else progress
+    bar = progress_bar(total, desc="reward model", unit="step", disable=None if show else True)
+    bar.update(start)
     try:
-        for step in range(1, total + 1):
+        for step in range(start + 1, total + 1):
             if len(perm) < cfg.batch_size:
                 perm += torch.randperm(n_train, generator=gen).tolist()
             idx, perm = perm[:cfg.batch_size], perm[cfg.batch_size:]
@@ -288,6 +315,9 @@ def train_reward_model(cfg: RewardModelConfig, progress: bool | None = None) -> 
                 metrics.update({f"eval_{k}": v for k, v in ev.items()})
             if metrics:
                 logger.log(step, metrics)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total:
+                save_train_state(run, step, model, opt_, sched, gen, keep=cfg.keep_checkpoints, loop={
+                    "perm": perm, "win_loss": win_loss, "win_acc": win_acc, "ev0": ev0, "ev": ev})
             bar.update(1)
     finally:
         bar.close()
@@ -303,7 +333,7 @@ def train_reward_model(cfg: RewardModelConfig, progress: bool | None = None) -> 
     result = {"eval_accuracy": ev["accuracy"], "eval_accuracy_initial": ev0["accuracy"], "eval_loss": ev["loss"],
               "train_accuracy": tr["accuracy"], "score_mean": ev.get("score_mean", math.nan),
               "score_std": ev.get("score_std", math.nan), "steps": total, "pairs_train": n_train,
-              "pairs_eval": len(ev_c), "seconds": time.perf_counter() - t0, "output_dir": str(run.path)}
+              "pairs_eval": len(ev_c), "seconds": time.perf_counter() - t0, "run_dir": str(run.path)}
     (run.path / "reward_model_result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"reward model: {total} steps on {n_train} pairs; held-out accuracy {ev0['accuracy']:.1%} -> "
           f"{ev['accuracy']:.1%} ({len(ev_c)} pairs), train accuracy {tr['accuracy']:.1%}, "

@@ -15,8 +15,8 @@ initialised GPT-2 sized by ``n_layer``/``n_embd``/``n_head`` with the tokenizer 
 BPE trained on the data) — so "SFT" from scratch is plain language-model pretraining.
 
 The output directory is a run directory (``config.yaml``, ``metrics.jsonl``, ``plots/``, ``checkpoints/``) that is
-also a HF model directory: ``AutoModelForCausalLM.from_pretrained(output_dir)`` and
-``AutoTokenizer.from_pretrained(output_dir)`` load the final model.
+also a HF model directory: ``AutoModelForCausalLM.from_pretrained(run_dir)`` and
+``AutoTokenizer.from_pretrained(run_dir)`` load the final model.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class SFTConfig:
     data: str = opt("", "training data: .txt/.txt.gz (one document per line) or .jsonl ({prompt, completion} or {text})")
     model: str = opt(TINY_MODEL, "local HF causal-LM directory to fine-tune, or 'tiny-gpt2' for a fresh tiny GPT-2 (see --n-layer etc.)")
     tokenizer: str | None = opt(None, "tokenizer directory; default: the model directory, or for tiny-gpt2 a byte-level BPE trained on --data")
-    output_dir: str = opt("runs/sft", "run directory; the final model and tokenizer are saved at its top level (from_pretrained-loadable)")
+    run_dir: str = opt("runs/sft", "run directory; the final model and tokenizer are saved at its top level (from_pretrained-loadable)")
     overwrite: bool = opt(False, "allow writing into an existing run directory")
     # tiny model (model == 'tiny-gpt2')
     vocab_size: int = opt(2048, "BPE vocabulary size when a tokenizer is trained (tiny-gpt2 without --tokenizer)")
@@ -70,7 +70,8 @@ class SFTConfig:
     # bookkeeping
     eval_every: int = opt(100, "evaluate held-out loss every N steps (and at the end)")
     log_every: int = opt(10, "log train loss every N steps")
-    checkpoint_every: int = opt(0, "save weights to checkpoints/ every N steps; 0 = only the final model")
+    checkpoint_every: int = opt(0, "save a resumable checkpoint (weights, optimizer, data order) to checkpoints/ every N steps; 0 = only the final model")
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints (0 = all)")
     seed: int = opt(0, "random seed (init, data split, order)")
     threads: int = opt(0, "torch CPU threads; 0 = leave torch's setting")
     progress: bool = opt(True, "show a progress bar (on a terminal)")
@@ -78,7 +79,7 @@ class SFTConfig:
     def __post_init__(self) -> None:
         check(bool(self.data), "data is empty; give --data FILE (.txt, .txt.gz or .jsonl)")
         check(bool(self.model), "model is empty; give a model directory or 'tiny-gpt2'")
-        check(bool(self.output_dir), "output_dir is empty; give --output-dir")
+        check(bool(self.run_dir), "run_dir is empty; give --run-dir")
         check(self.vocab_size >= 260, f"vocab_size={self.vocab_size} must be >= 260 (byte-level BPE)")
         check(self.n_layer >= 1 and self.n_embd >= 1 and self.n_head >= 1,
               f"n_layer={self.n_layer}, n_embd={self.n_embd}, n_head={self.n_head} must all be >= 1")
@@ -98,6 +99,7 @@ class SFTConfig:
         check(self.eval_every >= 1, f"eval_every={self.eval_every} must be >= 1")
         check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         check(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
+        check(self.keep_checkpoints >= 0, f"keep_checkpoints={self.keep_checkpoints} must be >= 0")
         check(self.threads >= 0, f"threads={self.threads} must be >= 0")
         check(bool(self.prompt_key) and bool(self.completion_key), "prompt_key and completion_key must be non-empty")
 
@@ -286,12 +288,15 @@ def make_optimizer(model: Any, learning_rate: float, weight_decay: float) -> Any
                               {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate)
 
 
-def _load_model_and_tokenizer(cfg: SFTConfig, train_texts: list[str]) -> tuple[Any, Any]:
+def _load_model_and_tokenizer(cfg: SFTConfig, train_texts: list[str], saved_tokenizer: Path | None = None
+                              ) -> tuple[Any, Any]:
     from proxrl.lm import models as M
 
     if cfg.model == TINY_MODEL:
         if cfg.tokenizer:
             tok = M.load_tokenizer(cfg.tokenizer)
+        elif saved_tokenizer is not None:
+            tok = M.load_tokenizer(saved_tokenizer)  # resuming: the BPE the run trained at its start
         else:
             tok = M.train_bpe_tokenizer(train_texts, cfg.vocab_size)
         model = M.build_tiny_gpt2(tok, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
@@ -304,25 +309,41 @@ def _load_model_and_tokenizer(cfg: SFTConfig, train_texts: list[str]) -> tuple[A
     return model, tok
 
 
-def train_sft(cfg: SFTConfig, progress: bool | None = None) -> dict[str, Any]:
-    """Fine-tune a causal LM on ``cfg.data``; save it (and its tokenizer) to ``cfg.output_dir``.
+def load_run_config(run_dir: str | Path) -> SFTConfig:
+    """The :class:`SFTConfig` saved in ``run_dir/config.yaml`` (to resume that run)."""
+    from proxrl.config import from_dict
+    from proxrl.runs import RunDir
+
+    run = RunDir(run_dir)
+    saved = {k: v for k, v in run.read_config().items() if k != "stage"}
+    return from_dict(SFTConfig, {**saved, "run_dir": str(run_dir)}, source=str(run.config_path))
+
+
+def train_sft(cfg: SFTConfig, progress: bool | None = None, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune a causal LM on ``cfg.data``; save it (and its tokenizer) to ``cfg.run_dir``.
+
+    ``resume=True`` continues ``cfg.run_dir`` from its latest checkpoint (``checkpoint_every`` > 0); the final
+    model and metrics equal those of an uninterrupted run with the same config (see :func:`load_run_config`).
 
     Returns:
         dict with ``train_loss`` (mean of the last logged window), ``eval_loss`` (held-out, nats/token; nan with
-        no held-out data), ``eval_loss_initial``, ``steps``, ``tokens``, ``seconds``, ``output_dir``.
+        no held-out data), ``eval_loss_initial``, ``steps``, ``tokens``, ``seconds``, ``run_dir``.
     """
     import torch
 
     from proxrl.lm import models as M
-    from proxrl.runs import MetricsLogger, RunDir, plot_metrics, progress_bar, save_checkpoint
+    from proxrl.lm.train_state import load_train_state, resume_checkpoint, save_train_state
+    from proxrl.runs import MetricsLogger, RunDir, plot_metrics, progress_bar
 
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = RunDir(cfg.output_dir).create(exist_ok=cfg.overwrite)
-    run.write_config({"stage": "sft", **to_dict(cfg)})
-
-    records = load_records(cfg.data, cfg.prompt_key, cfg.completion_key)
+    run = RunDir(cfg.run_dir)
+    start_ckpt = resume_checkpoint(run) if resume else None
+    records = load_records(cfg.data, cfg.prompt_key, cfg.completion_key)  # validate before creating anything
+    run.create(exist_ok=cfg.overwrite or resume)
+    if not resume:
+        run.write_config({"stage": "sft", **to_dict(cfg)})
     rng = random.Random(cfg.seed)
     order = list(range(len(records)))
     rng.shuffle(order)
@@ -335,7 +356,10 @@ def train_sft(cfg: SFTConfig, progress: bool | None = None) -> dict[str, Any]:
         raise UserError(f"{cfg.data}: no training records left after holding out {n_eval}; lower --eval-fraction")
 
     texts = [r.get("text", "") or (r.get("prompt", "") + r.get("completion", "")) for r in train_recs]
-    model, tok = _load_model_and_tokenizer(cfg, texts)
+    bpe_dir = run.path / "tokenizer"  # a BPE trained here is kept so a resumed run uses the very same one
+    model, tok = _load_model_and_tokenizer(cfg, texts, bpe_dir if resume and bpe_dir.is_dir() else None)
+    if cfg.model == TINY_MODEL and not cfg.tokenizer and cfg.checkpoint_every and not resume:
+        tok.save_pretrained(str(bpe_dir))
     ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if ctx is not None and cfg.max_length > ctx:
         raise UserError(f"max_length={cfg.max_length} exceeds the model's context of {ctx} tokens; lower --max-length")
@@ -351,18 +375,24 @@ def train_sft(cfg: SFTConfig, progress: bool | None = None) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt_, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, total_steps))
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    logger = MetricsLogger(run.path)
-    eval0 = evaluate_loss(model, held, pad_id)
-    logger.log(0, {"eval_loss": eval0})
+    perm: list[int] = []
+    window: list[float] = []
+    tokens, start = 0, 0
+    if start_ckpt is not None:
+        start, loop = load_train_state(start_ckpt, model, opt_, sched, gen)
+        perm, window, tokens = loop["perm"], loop["window"], loop["tokens"]
+        eval0, eval_loss = loop["eval_loss_initial"], loop["eval_loss"]
+    logger = MetricsLogger(run.path, resume_from_step=start if resume else None)
+    if start_ckpt is None:
+        eval0 = evaluate_loss(model, held, pad_id)
+        eval_loss = eval0
+        logger.log(0, {"eval_loss": eval0})
     model.train()
     show = cfg.progress if progress is None else progress
     bar = progress_bar(total_steps, desc="sft", unit="step", disable=None if show else True)
-    perm: list[int] = []
-    window: list[float] = []
-    tokens = 0
-    eval_loss = eval0
+    bar.update(start)
     try:
-        for step in range(1, total_steps + 1):
+        for step in range(start + 1, total_steps + 1):
             if len(perm) < cfg.batch_size:
                 perm += torch.randperm(len(train), generator=gen).tolist()
             idx, perm = perm[:cfg.batch_size], perm[cfg.batch_size:]
@@ -390,9 +420,9 @@ def train_sft(cfg: SFTConfig, progress: bool | None = None) -> dict[str, Any]:
             if metrics:
                 logger.log(step, metrics)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total_steps:
-                save_checkpoint(run.checkpoints / f"step_{step:09d}",
-                                {k: v.detach().contiguous() for k, v in model.state_dict().items()},
-                                {"step": step, "stage": "sft"})
+                save_train_state(run, step, model, opt_, sched, gen, keep=cfg.keep_checkpoints, loop={
+                    "perm": perm, "window": window, "tokens": tokens, "eval_loss": eval_loss,
+                    "eval_loss_initial": eval0})
             bar.update(1)
     finally:
         bar.close()
@@ -407,7 +437,7 @@ def train_sft(cfg: SFTConfig, progress: bool | None = None) -> dict[str, Any]:
         pass
     result = {"train_loss": train_loss, "eval_loss": eval_loss, "eval_loss_initial": eval0, "steps": total_steps,
               "tokens": tokens, "train_examples": len(train), "eval_examples": len(held),
-              "seconds": time.perf_counter() - t_start, "output_dir": str(run.path)}
+              "seconds": time.perf_counter() - t_start, "run_dir": str(run.path)}
     (run.path / "sft_result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"sft: {total_steps} steps, held-out loss {eval0:.3f} -> {eval_loss:.3f} nats/token "
           f"({len(held)} examples), {result['seconds']:.0f}s; model saved to {run.path}")

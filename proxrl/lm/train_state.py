@@ -1,0 +1,103 @@
+"""Checkpoint and resume of a plain supervised training loop (SFT, reward model).
+
+One :func:`proxrl.runs.save_checkpoint` directory holds everything the loop needs to continue exactly as if it
+had never stopped: the model's weights (``model.*``), the AdamW state (``optim.<param id>.<key>``), the LR
+scheduler's position, the data-order generator, the global RNG and the loop's own counters (``loop``: a small
+JSON-able dict such as the pending shuffled order and the current logging window).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from proxrl.errors import UserError
+from proxrl.runs import (
+    RunDir,
+    generator_state,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_generator_state,
+    set_rng_state,
+)
+
+__all__ = ["resume_checkpoint", "save_train_state", "load_train_state"]
+
+
+def resume_checkpoint(run: RunDir) -> Path:
+    """The checkpoint to resume ``run`` from; one-line UserError if the directory holds no run or no checkpoint."""
+    if not run.has_run():
+        raise UserError(f"cannot resume {str(run.path)!r}: it holds no run (no config.yaml)")
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise UserError(f"cannot resume {str(run.path)!r}: it has no complete checkpoint (runs save them with "
+                        f"--checkpoint-every N); delete it or pass --overwrite to start again")
+    return ckpt
+
+
+def _jsonable(obj: Any) -> bool:
+    try:
+        json.dumps(obj, allow_nan=True)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def save_train_state(run: RunDir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, generator: torch.Generator, loop: dict[str, Any], keep: int = 0) -> Path:
+    """Write ``run/checkpoints/step_<step>`` (atomic); keep the newest ``keep`` checkpoints (0 = all)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserError(f"non-finite weights in {k!r} at step {step}; lower --learning-rate")
+        tensors[f"model.{k}"] = v
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in opt["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    rng_t, rng_s = rng_state()
+    tensors.update(rng_t)
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas" and _jsonable(v)}
+    state = {"step": int(step), "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+             "scheduler": sched, "generator": generator_state(generator), "rng": rng_s, "loop": loop}
+    path = save_checkpoint(run.checkpoint_dir(step), tensors, state)
+    if keep:
+        prune_checkpoints(run, keep=keep)
+    return path
+
+
+def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     generator: torch.Generator) -> tuple[int, dict[str, Any]]:
+    """Restore what :func:`save_train_state` wrote into the given objects; returns ``(step, loop)``."""
+    tensors, state = load_checkpoint(path)
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not match this model ({' '.join(str(e).split())[:200]}); "
+                        f"resume with the run's own config") from e
+    opt_state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, key = k.split(".", 2)
+            opt_state.setdefault(int(pid), {})[key] = v
+    for pid, sc in state["optimizer"].get("scalars", {}).items():
+        opt_state.setdefault(int(pid), {}).update(sc)
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise UserError(f"optimizer state in {path} does not match this config ({e}); resume with the run's "
+                        f"own config") from e
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    set_generator_state(generator, state["generator"])
+    set_rng_state(tensors, state["rng"])
+    return int(state["step"]), dict(state["loop"])
