@@ -28,7 +28,6 @@ import torch
 
 from proxrl.config import from_dict, to_dict
 from proxrl.control.adam import FlatAdam
-from proxrl.control.blas import set_blas_threads
 from proxrl.control.checkpointing import build_policy, pack, restore
 from proxrl.control.config import ControlConfig, sizes
 from proxrl.control.envs import EnvFactory, derive_seed, make_vector_env
@@ -116,7 +115,6 @@ def _train(
     rd.write_config(to_dict(cfg))
     sz = sizes(cfg)
     torch.set_num_threads(cfg.threads)
-    set_blas_threads(cfg.threads)  # numpy's OpenBLAS too (numpy MLPs in the update and the rollout)
 
     # Seeding: init from the global RNGs, action sampling from a numpy generator, minibatch order from a
     # torch generator; each stream derived from the seed.
