@@ -109,7 +109,7 @@ class Collector:
         if not self._fresh:
             self.obs[0].copy_(self.obs[self.T])
         self._fresh = False
-        fast = NumpyPolicy(policy)  # numpy views of the current weights; no torch op per env step
+        fast = NumpyPolicy(policy)  # numpy copy of the current weights; no torch op per env step
         venv, obs_norm, scaler, rng = self.venv, self.obs_norm, self.reward_scaler, self.rng
         clip_low, clip_high = self.info.action_low, self.info.action_high
         obs_np, act_np, logp_np, val_np, rew_np = self._obs_np, self._act_np, self._logp_np, self._val_np, self._rew_np
