@@ -1,13 +1,18 @@
 """Gradients of the actor-critic MLPs by hand: numpy forward/backward on views of the flat parameters.
 
 Why: a PPO gradient step on a 64x64 MLP with a minibatch of 256 is ~30 tiny kernels, and with ``nn`` +
-autograd the per-op overhead (and torch's slow float32 ``tanh`` on this size) costs several times the
-arithmetic. Here the MLPs run in numpy (float32) on zero-copy views of the parameters, autograd only sees
-the small loss graph on top of the network *outputs*, and the chain rule through the layers is written out
-below (a handful of matmuls). :class:`AutogradActorCritic` is the reference (plain ``nn`` forward,
-``loss.backward()``); ``tests/test_control_mlp_grad.py`` checks both give the same gradient.
+autograd the per-op overhead (and torch's slow float32 ``tanh`` at this size: ~7x numpy's) costs several
+times the arithmetic. Here the MLPs run in numpy (float32) on zero-copy views of the parameters and the
+chain rule through the layers is written out below (a handful of matmuls). :class:`NumpyMLP` is used by
 
-Both classes share one interface, used by :func:`proxrl.control.ppo.ppo_update`::
+* :class:`~proxrl.control.ppo_grad.NumpyPPOGradient` (backend ``"numpy"``, the default): the gradient of
+  the loss w.r.t. the network outputs in closed form, then :meth:`NumpyMLP.backward`;
+* :class:`ManualActorCritic` (backend ``"numpy-mlp"``): the :mod:`proxrl.core` loss built on the outputs
+  as autograd leaves, autograd on that small graph only, then :meth:`NumpyMLP.backward`.
+
+:class:`AutogradActorCritic` is the reference (plain ``nn`` forward, ``loss.backward()``);
+``tests/test_control_mlp_grad.py`` checks that all give the same gradient. :class:`ManualActorCritic` and
+:class:`AutogradActorCritic` share one interface, used by :class:`proxrl.control.ppo.TorchPPOGradient`::
 
     out, value, log_std = nets.forward(obs)   # (N, n|d), (N,), (d,) or None -- tensors the loss is built on
     nets.backward(loss)                       # writes dloss/dtheta into the flat gradient (all of it)
@@ -18,7 +23,7 @@ Chain rule for one MLP with layers ``l = 1..L``, activation ``f`` (tanh or relu)
     z_l = h_{l-1} W_l^T + b_l                   (N, d_l)      W_l: (d_l, d_{l-1}) as torch stores it
     h_l = f(z_l)  (l < L),   y = z_L            network output (logits / Gaussian mean / value)
 
-Given ``G = dL/dy`` (from autograd on the loss graph, where ``y`` is a leaf), for ``l = L, ..., 1``::
+Given ``G = dL/dy`` (closed form, or autograd on the loss graph with ``y`` a leaf), for ``l = L, ..., 1``::
 
     dL/dz_L     = G
     dL/dW_l     = (dL/dz_l)^T h_{l-1}           (d_l, d_{l-1})
@@ -89,7 +94,7 @@ class NumpyMLP:
         if last == 0:
             return
         g = g_t.T @ self.weights[last]  # dL/dh_{L-1} (N, d_{L-1})
-        ones = np.ones(g.shape[0], g.dtype)  # sum over the batch as a matrix-vector product: ~6x faster than sum(axis=0)
+        ones = np.ones(g.shape[0], g.dtype)  # batch sums as matrix-vector products: ~6x faster than sum(axis=0)
         for l in range(last - 1, -1, -1):
             h = self._hidden[l + 1]  # h_l = f(z_l)
             if self.relu:
