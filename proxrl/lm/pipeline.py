@@ -6,9 +6,11 @@
 2. preference pairs synthesised from the SFT model: for a sentence prefix, sample several continuations and
    label the one VADER finds most positive "chosen", the least positive "rejected";
 3. a Bradley-Terry reward model initialised from the SFT trunk (held-out preference accuracy reported);
-4. PPO against the reward model with a KL penalty to the SFT reference;
+4. PPO against the reward model with a KL penalty to the SFT reference (beta 0.3: strong enough that the policy
+   does not collapse onto one stock phrase the reward model likes; docs/rlhf.md, "The built-in demo");
 5. evaluation on held-out prompts: mean VADER and reward-model score of SFT vs PPO samples, KL(PPO || SFT),
-   and a few before/after samples.
+   diversity (distinct-2, unique completions, share of the most common 3-word phrase) and a few before/after
+   samples side by side.
 
 ``run_demo(task="arithmetic")``: a character-level tiny GPT-2 trained on additions of numbers 0-99 whose labels
 come from a sloppy labeller (the carries of 60% of the problems that carry are dropped), so it is right only part
@@ -97,13 +99,14 @@ SIZES: dict[tuple[str, bool], DemoSizes] = {
         vocab_size=2048, n_layer=4, n_embd=128, n_head=4, n_positions=96, max_length=48,
         sft_examples=0, sft_steps=1000, sft_batch=32, sft_lr=2e-3,
         pair_prompts=1000, pair_samples=4, rm_epochs=2.0, rm_batch=32, rm_lr=3e-4,
-        ppo_updates=60, ppo_rollout=32, ppo_minibatch=16, ppo_epochs=4, ppo_lr=5e-5, kl_coef=0.05,
+        # beta 0.3: KL(PPO || SFT) ~2 nats, no collapse onto one stock phrase (see docs/rlhf.md, "The built-in demo")
+        ppo_updates=60, ppo_rollout=32, ppo_minibatch=16, ppo_epochs=4, ppo_lr=5e-5, kl_coef=0.3,
         max_new_tokens=20, temperature=0.7, eval_prompts=200),
     ("sentiment", True): DemoSizes(
         vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=64, max_length=32,
         sft_examples=400, sft_steps=20, sft_batch=16, sft_lr=3e-3,
         pair_prompts=48, pair_samples=4, rm_epochs=1.0, rm_batch=8, rm_lr=1e-3,
-        ppo_updates=2, ppo_rollout=8, ppo_minibatch=4, ppo_epochs=1, ppo_lr=1e-4, kl_coef=0.05,
+        ppo_updates=2, ppo_rollout=8, ppo_minibatch=4, ppo_epochs=1, ppo_lr=1e-4, kl_coef=0.3,
         max_new_tokens=8, temperature=0.7, eval_prompts=16),
     ("arithmetic", False): DemoSizes(
         vocab_size=0, n_layer=2, n_embd=96, n_head=4, n_positions=32, max_length=16,

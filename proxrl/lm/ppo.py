@@ -520,7 +520,7 @@ class PPOTrainer:
     def run(self) -> dict[str, float]:
         cfg = self.cfg
         logger = MetricsLogger(self.run_dir, resume_from_step=self.update if self.update else None)
-        bar = progress_bar(cfg.total_updates, desc="ppo", unit="update", disable=not self.progress)
+        bar = progress_bar(cfg.total_updates, desc="ppo", unit="update", disable=None if self.progress else True)
         bar.update(self.update)
         last: dict[str, float] = {}
         try:
