@@ -97,14 +97,20 @@ def _plot(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------- LM front-end
 def _sft(args: argparse.Namespace) -> None:
-    from proxrl.lm.sft import SFTConfig, train_sft
+    from proxrl.lm.sft import SFTConfig, load_run_config, train_sft
 
+    if args.resume:
+        train_sft(load_run_config(args.resume), resume=True)
+        return
     train_sft(C.build(SFTConfig, args))
 
 
 def _reward_model(args: argparse.Namespace) -> None:
-    from proxrl.lm.reward_model import RewardModelConfig, train_reward_model
+    from proxrl.lm.reward_model import RewardModelConfig, load_run_config, train_reward_model
 
+    if args.resume:
+        train_reward_model(load_run_config(args.resume), resume=True)
+        return
     train_reward_model(C.build(RewardModelConfig, args))
 
 
@@ -210,10 +216,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = add("plot", _plot, "Draw a run's PNG plots into RUN_DIR/plots.", config_flag=False)
     p.add_argument("run_dir", metavar="RUN_DIR")
 
-    add("sft", _sft, "Supervised fine-tuning of a causal LM on text or prompt/completion JSONL.",
-        ("proxrl.lm.sft", "SFTConfig") if want("sft") else None)
-    add("reward-model", _reward_model, "Train a pairwise (Bradley-Terry) reward model on chosen/rejected JSONL.",
-        ("proxrl.lm.reward_model", "RewardModelConfig") if want("reward-model") else None)
+    resume_help = "continue RUN_DIR from its last checkpoint (written with --checkpoint-every N) with its saved config"
+    p = add("sft", _sft, "Supervised fine-tuning of a causal LM on text or prompt/completion JSONL.",
+            ("proxrl.lm.sft", "SFTConfig") if want("sft") else None)
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help=resume_help)
+    p = add("reward-model", _reward_model, "Train a pairwise (Bradley-Terry) reward model on chosen/rejected JSONL.",
+            ("proxrl.lm.reward_model", "RewardModelConfig") if want("reward-model") else None)
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help=resume_help)
     p = add("ppo", _ppo, "PPO fine-tuning of a causal LM against a reward model or reward function (RLHF).",
             ("proxrl.lm.ppo_config", "PPOConfig") if want("ppo") else None)
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
