@@ -246,6 +246,9 @@ def _from_pretrained(auto_cls: Any, path: str | Path, what: str, dtype: Any, tru
     keys it lists (and no checkpoint key went unused). Any other report, and every error, is shown as usual.
     """
     p = _check_model_dir(path, what)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr: noise for a local directory of one file
     hf_logger = logging.getLogger("transformers.modeling_utils")
     hold = _HoldLoadReport()
     hf_logger.addFilter(hold)
