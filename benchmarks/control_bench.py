@@ -222,10 +222,12 @@ def _interleaved(env: str, seeds: int, steps: int, sides: list[str]) -> list[dic
     for i in range(seeds):
         order = sides if i % 2 == 0 else sides[::-1]
         for side in order:
+            load = os.getloadavg()[0]
             r = run_side(side, env, i, steps)
+            r["loadavg_before"], r["loadavg_after"] = load, os.getloadavg()[0]
             print(f"  {env} seed {i} {side}: train {r['train_seconds']:.2f} s, "
                   f"solved@{r.get('solved_step')}, final eval {r['final_eval_mean']:.1f} "
-                  f"(process {r['child_wall_seconds']:.1f} s)", flush=True)
+                  f"(process {r['child_wall_seconds']:.1f} s; load {r['loadavg_before']:.2f} -> {r['loadavg_after']:.2f})", flush=True)
             runs.append(r)
     return runs
 
