@@ -10,5 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[$extras]"
+log=.venv/pip-install.log
+echo "installing proxrl[$extras] into .venv (log: $log) ..."
+python -c "import torch" 2>/dev/null || python -m pip install "torch==2.13.0" >"$log" 2>&1 || { cat "$log"; exit 1; }
+python -m pip install -e ".[$extras]" >>"$log" 2>&1 || { tail -40 "$log"; exit 1; }
