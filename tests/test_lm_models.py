@@ -370,3 +370,21 @@ def test_check_tokenizer_fits(tok, tmp_path):
     with pytest.raises(UserError) as e:
         M.check_tokenizer_fits(small, other, tmp_path)
     single_error_line(e, "different tokenizer")
+
+
+def test_fast_activations_same_function_and_swapped(tok):
+    from transformers.activations import NewGELUActivation
+
+    from proxrl.lm.models import build_tiny_gpt2, fast_activations
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 32, requires_grad=True)
+    ref, fast = NewGELUActivation(), torch.nn.GELU(approximate="tanh")
+    assert torch.allclose(ref(x), fast(x), atol=1e-6)
+    gr, = torch.autograd.grad(ref(x).sum(), x)
+    gf, = torch.autograd.grad(fast(x).sum(), x)
+    assert torch.allclose(gr, gf, atol=1e-5)
+    model = build_tiny_gpt2(tok, n_layer=1, n_embd=32, n_head=2, n_positions=32, seed=0)
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert model.config.activation_function == "gelu_new"  # the saved config is unchanged
+    assert fast_activations(model) is model
