@@ -39,6 +39,7 @@ from proxrl.core import (
 )
 from proxrl.errors import UserError
 from proxrl.lm.ppo_config import PPOConfig, PPOSizes
+from proxrl.lm.train_state import pack_optimizer, unpack_optimizer
 from proxrl.lm.rollout import (
     ModelSet,
     Rollout,
@@ -344,20 +345,13 @@ class PPOTrainer:
                     raise UserError(f"non-finite weights in {prefix} {k!r} at update {self.update}; "
                                     f"last good checkpoint: {self.last_good or 'none yet'}")
                 tensors[f"{prefix}.{k}"] = v
-        opt = self.optimizer.state_dict()
-        opt_scalars: dict[str, dict[str, Any]] = {}
-        for pid, st in opt["state"].items():
-            for k, v in st.items():
-                if isinstance(v, Tensor):
-                    tensors[f"optim.{pid}.{k}"] = v
-                else:
-                    opt_scalars.setdefault(str(pid), {})[k] = v
+        opt_json = pack_optimizer(self.optimizer, tensors)
         rng_t, rng_s = rng_state()
         tensors.update(rng_t)
         state = {
             "update": self.update,
             "kl_controller": self.kl_ctl.state_dict(),
-            "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_scalars},
+            "optimizer": opt_json,
             "rng": rng_s,
             "sample_gen": generator_state(self.sample_gen),
             "data_gen": generator_state(self.data_gen),
@@ -377,18 +371,7 @@ class PPOTrainer:
             except RuntimeError as e:
                 raise UserError(f"checkpoint {path} does not match the {prefix} of this config "
                                 f"({' '.join(str(e).split())[:200]}); resume with the run's own config") from e
-        opt_state: dict[int, dict[str, Any]] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, pid, key = k.split(".", 2)
-                opt_state.setdefault(int(pid), {})[key] = v
-        for pid, sc in state["optimizer"].get("scalars", {}).items():
-            opt_state.setdefault(int(pid), {}).update(sc)
-        try:
-            self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-        except (ValueError, KeyError) as e:
-            raise UserError(f"optimizer state in {path} does not match this config ({e}); resume with the run's "
-                            f"own config") from e
+        unpack_optimizer(self.optimizer, tensors, state["optimizer"], path)
         self.kl_ctl.load_state_dict(state["kl_controller"])
         set_rng_state(tensors, state["rng"])
         set_generator_state(self.sample_gen, state["sample_gen"])

@@ -48,14 +48,9 @@ def _jsonable(obj: Any) -> bool:
     return True
 
 
-def save_train_state(run: RunDir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, generator: torch.Generator, loop: dict[str, Any], keep: int = 0) -> Path:
-    """Write ``run/checkpoints/step_<step>`` (atomic); keep the newest ``keep`` checkpoints (0 = all)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise UserError(f"non-finite weights in {k!r} at step {step}; lower --learning-rate")
-        tensors[f"model.{k}"] = v
+def pack_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Put the optimizer's tensor state into ``tensors`` as ``optim.<param id>.<key>``; return the JSON part
+    (``param_groups`` and the non-tensor per-parameter values)."""
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for pid, st in opt["state"].items():
@@ -64,10 +59,39 @@ def save_train_state(run: RunDir, step: int, model: torch.nn.Module, optimizer: 
                 tensors[f"optim.{pid}.{k}"] = v
             else:
                 scalars.setdefault(str(pid), {})[k] = v
+    return {"param_groups": opt["param_groups"], "scalars": scalars}
+
+
+def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], packed: dict[str, Any],
+                     path: Path) -> None:
+    """Inverse of :func:`pack_optimizer`; UserError naming ``path`` if the state does not fit ``optimizer``."""
+    opt_state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, key = k.split(".", 2)
+            opt_state.setdefault(int(pid), {})[key] = v
+    for pid, sc in packed.get("scalars", {}).items():
+        opt_state.setdefault(int(pid), {}).update(sc)
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": packed["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise UserError(f"optimizer state in {path} does not match this config ({e}); resume with the run's "
+                        f"own config") from e
+
+
+def save_train_state(run: RunDir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, generator: torch.Generator, loop: dict[str, Any], keep: int = 0) -> Path:
+    """Write ``run/checkpoints/step_<step>`` (atomic); keep the newest ``keep`` checkpoints (0 = all)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserError(f"non-finite weights in {k!r} at step {step}; lower --learning-rate")
+        tensors[f"model.{k}"] = v
+    opt_json = pack_optimizer(optimizer, tensors)
     rng_t, rng_s = rng_state()
     tensors.update(rng_t)
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas" and _jsonable(v)}
-    state = {"step": int(step), "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+    state = {"step": int(step), "optimizer": opt_json,
              "scheduler": sched, "generator": generator_state(generator), "rng": rng_s, "loop": loop}
     path = save_checkpoint(run.checkpoint_dir(step), tensors, state)
     if keep:
@@ -85,18 +109,7 @@ def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not match this model ({' '.join(str(e).split())[:200]}); "
                         f"resume with the run's own config") from e
-    opt_state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, key = k.split(".", 2)
-            opt_state.setdefault(int(pid), {})[key] = v
-    for pid, sc in state["optimizer"].get("scalars", {}).items():
-        opt_state.setdefault(int(pid), {}).update(sc)
-    try:
-        optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-    except (ValueError, KeyError) as e:
-        raise UserError(f"optimizer state in {path} does not match this config ({e}); resume with the run's "
-                        f"own config") from e
+    unpack_optimizer(optimizer, tensors, state["optimizer"], path)
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     set_generator_state(generator, state["generator"])
     set_rng_state(tensors, state["rng"])
