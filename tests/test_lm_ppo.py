@@ -20,14 +20,6 @@ CHARS = list("abcdefghijklmnopqrstuvwxyz .")
 PROMPTS = ["the cat", "a dog", "hello", "we go", "sun", "my hat"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _char_tokenizer(out: Path, with_pad: bool) -> Path:
     """A character-level fast tokenizer; without ``with_pad`` load_tokenizer makes pad == eos."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers

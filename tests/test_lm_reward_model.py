@@ -14,14 +14,6 @@ from proxrl.lm import reward_model as RM  # noqa: E402
 from proxrl.lm.tasks import arithmetic as A  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     """A random tiny GPT-2 with a char tokenizer whose pad token IS the eos token."""

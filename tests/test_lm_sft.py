@@ -13,14 +13,6 @@ from proxrl.lm import sft as S  # noqa: E402
 from proxrl.lm.tasks import arithmetic as A  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def char_tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("chartok")
