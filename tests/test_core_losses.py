@@ -127,3 +127,14 @@ def test_explained_variance():
     r5 = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0])
     assert explained_variance(v, r5, mask=torch.tensor([1, 1, 1, 1, 0])) == pytest.approx(0.85)
     assert isinstance(explained_variance(v, r5), float)
+
+
+def test_kl_early_stop_threshold_without_factor():
+    from proxrl.core.losses import kl_early_stop
+
+    assert kl_early_stop(0.011, 0.01) is True
+    assert kl_early_stop(0.010, 0.01) is False  # strictly above the threshold
+    assert kl_early_stop(0.014, 0.01) is True  # SB3's 1.5x rule would not stop here
+    assert kl_early_stop(1e9, None) is False
+    with pytest.raises(ValueError, match="target_kl"):
+        kl_early_stop(0.1, 0.0)

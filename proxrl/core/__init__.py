@@ -4,7 +4,7 @@ See docs/theory.md for every equation next to the function that computes it and 
 """
 from .advantages import gae, group_advantages, masked_mean, masked_var, normalize, rloo_advantages
 from .kl import AdaptiveKLController, FixedKLController, kl_estimate
-from .losses import entropy_from_logits, explained_variance, policy_loss, value_loss
+from .losses import entropy_from_logits, explained_variance, kl_early_stop, policy_loss, value_loss
 from .schedules import constant_schedule, linear_schedule
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "entropy_from_logits",
     "kl_estimate",
     "explained_variance",
+    "kl_early_stop",
     "FixedKLController",
     "AdaptiveKLController",
     "constant_schedule",

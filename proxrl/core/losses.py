@@ -4,6 +4,7 @@
 * :func:`value_loss` — squared error to the returns, optionally clipped around the old values.
 * :func:`entropy_from_logits` — the entropy bonus S[pi] of eq. 9.
 * :func:`explained_variance` — how much of the returns' variance the value function explains.
+* :func:`kl_early_stop` — the one target-KL early-stop rule both front-ends use.
 
 The full PPO objective (eq. 9) is maximised; as a loss to minimise it reads
 ``policy_loss + value_coef * value_loss - entropy_coef * entropy``.
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from .advantages import _check_mask, _check_same_shape, masked_mean, masked_var
 
-__all__ = ["policy_loss", "value_loss", "entropy_from_logits", "explained_variance"]
+__all__ = ["policy_loss", "value_loss", "entropy_from_logits", "explained_variance", "kl_early_stop"]
 
 
 def policy_loss(
@@ -163,3 +164,18 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor | None = No
         if var_r == 0.0 or math.isnan(var_r):
             return float("nan")
         return 1.0 - float(masked_var(r - v, mask, unbiased=False)) / var_r
+
+
+def kl_early_stop(approx_kl: float, target_kl: float | None) -> bool:
+    """True when an update should stop its remaining minibatches and epochs: ``approx_kl > target_kl``.
+
+    ``approx_kl`` is the k3 estimate of ``KL(pi_old || pi_theta)`` on the minibatch just used (the
+    ``approx_kl`` of :func:`policy_loss`). The rule is CleanRL's threshold (no factor), checked after every
+    minibatch as Stable-Baselines3 does; SB3 compares against ``1.5 * target_kl`` instead, so proxrl's
+    ``target_kl=t`` stops where SB3's ``target_kl=t/1.5`` would. ``target_kl=None`` never stops early.
+    """
+    if target_kl is None:
+        return False
+    if not target_kl > 0:
+        raise ValueError(f"target_kl must be > 0 or None, got {target_kl}")
+    return float(approx_kl) > target_kl
