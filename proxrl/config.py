@@ -4,12 +4,22 @@ Every config is a ``@dataclass`` whose fields are declared with :func:`opt`, whi
 shown by ``--help``. The CLI builds an ``argparse`` parser from the fields (``--learning-rate 3e-4``),
 a YAML file given with ``--config`` supplies values first, and explicit flags override it.
 Configs are never mutated after construction: derived quantities live in separate objects.
+
+Two optional class attributes of a config dataclass drive shared behaviour:
+
+* ``renamed_fields: ClassVar[dict[str, str]]`` (old name -> new name): a config file or resumed run that uses an
+  old name gets a one-line error naming the new one.
+* ``resumable_fields: ClassVar[frozenset[str]]``: the options a ``--resume`` may change; :func:`resume_config`
+  applies those and rejects any other option that differs from the saved run.
+
+Every float option must be finite (NaN and +-inf are refused with a one-line error naming the option).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -67,9 +77,12 @@ def _converter(tp: Any, optional: bool):
         if optional and text.lower() in ("none", "null"):
             return None
         try:
-            return base(text)
+            value = base(text)
         except ValueError as e:  # int("abc") etc.
             raise argparse.ArgumentTypeError(f"expected {getattr(tp, '__name__', tp)}, got {text!r}") from e
+        if base is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        return value
 
     return conv
 
@@ -107,7 +120,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"config file {str(p)!r} is not a UTF-8 text file (binary?); give a YAML file") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
@@ -126,9 +141,13 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     """
     names = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    renamed: dict[str, str] = getattr(cls, "renamed_fields", {})
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name not in names and name in renamed:
+            raise UserError(f"{source}: option {name!r} was renamed to {renamed[name]!r}; use {renamed[name]!r} "
+                            f"(flag {_flag(renamed[name])})")
         if name not in names:
             close = difflib.get_close_matches(name, sorted(names), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -148,7 +167,11 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
                     raise ValueError
                 value = int(value)
             elif tp is float:
+                if isinstance(value, bool):
+                    raise ValueError
                 value = float(value)
+                if not math.isfinite(value):
+                    raise UserError(f"{source}: {key!r} = {value!r} must be a finite number")
             elif tp is str:
                 value = str(value)
         except (ValueError, TypeError, argparse.ArgumentTypeError):
@@ -164,13 +187,46 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def build(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
     """Config from ``base`` (e.g. a preset), then ``--config FILE``, then explicit flags."""
-    values: dict[str, Any] = dict(base or {})
+    cfg_file = getattr(args, "config", None)
+    values = {**(base or {}), **given_options(cls, args)}
+    return from_dict(cls, values, source=str(cfg_file) if cfg_file else "config")
+
+
+def given_options(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``cls`` the user gave explicitly: a ``--config`` file's values, then the flags on the command
+    line (the parser's defaults are ``SUPPRESS``, so only given flags are in ``args``)."""
+    values: dict[str, Any] = {}
     cfg_file = getattr(args, "config", None)
     if cfg_file:
         values.update({str(k).replace("-", "_"): v for k, v in load_yaml(cfg_file).items()})
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    return from_dict(cls, values, source=str(cfg_file) if cfg_file else "config")
+    return values
+
+
+def resume_config(cls: type[T], saved: dict[str, Any], given: dict[str, Any], source: str = "config") -> T:
+    """The config of a resumed run: ``saved`` with the ``given`` values of ``cls.resumable_fields`` applied.
+
+    A given option outside ``resumable_fields`` whose value differs from the saved run's is a one-line
+    :class:`UserError` naming it, its saved value and the options a resume may change; giving the saved value
+    again is accepted. The result is validated like any other config (``from_dict``).
+    """
+    allowed: frozenset[str] = getattr(cls, "resumable_fields", frozenset())
+    base = from_dict(cls, saved, source=source)
+    if given:
+        checked = from_dict(cls, {**saved, **given}, source="the given options")
+        for key in given:
+            name = str(key).replace("-", "_")
+            if name in allowed:
+                continue
+            if getattr(checked, name) != getattr(base, name):
+                can = ", ".join(_flag(n) for n in sorted(allowed)) or "none"
+                raise UserError(
+                    f"{_flag(name)} cannot change on --resume (the run was started with {name}="
+                    f"{getattr(base, name)!r}); a resume may change only: {can}"
+                )
+        return checked
+    return base
 
 
 def check(cond: bool, message: str) -> None:

@@ -74,3 +74,46 @@ def test_bad_flag_value_exits_2():
     with pytest.raises(SystemExit) as e:
         parse(["--epochs", "many"])
     assert e.value.code == 2
+
+
+@dataclass
+class Resumable:
+    learning_rate: float = C.opt(3e-4, "step size")
+    total_steps: int = C.opt(100, "budget")
+    value_clip_coef: Optional[float] = C.opt(None, "value clip")
+
+    renamed_fields = {"clip_value_coef": "value_clip_coef"}
+    resumable_fields = frozenset({"total_steps"})
+
+
+def test_renamed_option_names_the_new_one():
+    with pytest.raises(UserError, match="'clip_value_coef' was renamed to 'value_clip_coef'"):
+        C.from_dict(Resumable, {"clip_value_coef": 0.2}, source="my.yaml")
+    assert C.from_dict(Resumable, {"value_clip_coef": 0.2}).value_clip_coef == 0.2
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN"])
+def test_non_finite_floats_refused_from_flags_and_files(text):
+    p = argparse.ArgumentParser()
+    C.add_dataclass_args(p, Resumable)
+    p.error = lambda msg: (_ for _ in ()).throw(UserError(msg))  # type: ignore[method-assign]
+    with pytest.raises(UserError, match="finite"):
+        p.parse_args([f"--learning-rate={text}"])
+    with pytest.raises(UserError, match="learning_rate.*finite"):
+        C.from_dict(Resumable, {"learning_rate": float(text)})
+
+
+def test_resume_config_applies_resumable_and_rejects_others():
+    saved = {"learning_rate": 1e-3, "total_steps": 100}
+    cfg = C.resume_config(Resumable, saved, {"total_steps": 500})
+    assert (cfg.learning_rate, cfg.total_steps) == (1e-3, 500)
+    assert C.resume_config(Resumable, saved, {"learning_rate": 1e-3}).learning_rate == 1e-3  # same value: fine
+    with pytest.raises(UserError, match=r"--learning-rate cannot change on --resume .*learning_rate=0.001.*--total-steps"):
+        C.resume_config(Resumable, saved, {"learning_rate": 5.0})
+
+
+def test_binary_config_file_is_one_line_error(tmp_path):
+    f = tmp_path / "bin.yaml"
+    f.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UserError, match="not a UTF-8 text file"):
+        C.load_yaml(f)
