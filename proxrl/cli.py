@@ -9,7 +9,8 @@
     proxrl generate MODEL_DIR --prompt ...     sample from any saved causal LM
     proxrl demo                                the offline RLHF pipeline (SFT -> reward model -> PPO) end to end
 
-Bad input ends with one line `error: ...` on stderr and exit status 2.
+Bad input ends with one line `error: ...` on stderr and exit status 2; a failure inside user code (a reward
+function, an env) exits with 1. Tracebacks only with --debug or PROXRL_DEBUG=1.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -187,6 +189,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     def add(name: str, fn: Callable, help: str, cfg: tuple[str, str] | None = None, config_flag: bool = True):
         p = sub.add_parser(name, help=help, description=help, formatter_class=_fmt)
         p.set_defaults(func=fn)
+        p.add_argument("--debug", action="store_true",
+                       help="print the full traceback on an error (also: PROXRL_DEBUG=1)")
         if config_flag:
             _add_config_flag(p)
         if cfg is not None:
@@ -244,6 +248,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("PROXRL_DEBUG", "") not in ("", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -253,11 +261,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
+        if _debug(args):
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of ours: one line unless --debug asks for the traceback
+        if _debug(args):
+            raise
+        msg = " ".join(str(e).split())[:300]
+        print(f"error: internal error {type(e).__name__}: {msg} (rerun with --debug or PROXRL_DEBUG=1 for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -111,3 +111,20 @@ def test_real_process_prints_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "proxrl.cli", "train", "CartPole-v1", "--gamma", "2",
                         "--run-dir", str(tmp_path / "r")], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "gamma=2.0" in r.stderr, r.stderr
+
+
+def test_debug_flag_and_env_show_the_traceback(capsys, monkeypatch, tmp_path):
+    argv = ["train", "CartPole-v1", "--run-dir", str(tmp_path / "r"), "--gamma", "2"]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, "gamma=2")
+    code, _, err = run_cli(capsys, *argv, "--debug")
+    assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: gamma=2")
+    monkeypatch.setenv("PROXRL_DEBUG", "1")
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and "Traceback" in err
+
+
+def test_non_finite_float_flag_is_refused(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "CartPole-v1", "--run-dir", str(tmp_path / "r"), "--value-coef", "inf")
+    assert_one_line_error(code, err, "--value-coef", "finite", "'inf'")
+    assert not (tmp_path / "r").exists()
