@@ -275,3 +275,30 @@ def test_template_file_roundtrip_json_safe(tok, tmp_path):
     t = C.resolve_chat_template(tok, str(f))
     assert json.loads(json.dumps(t)) == CHATML
     assert C.render_prompt(tok, t, "x") == C.render_prompt(tok, CHATML, "x")
+
+
+SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+           "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+           "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_smollm2_template_default_system_prompt_is_not_trained(tok):
+    """SmolLM2-Instruct's own template (ChatML plus a default system turn) with its EOS = <|im_end|>."""
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.eos_token = "<|im_end|>"
+    ids, mask = C.sft_example(t, SMOLLM2, CONV[1:])
+    assert t.decode(ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert _masked_runs(t, ids, mask) == ["it is five<|im_end|>", "the cat sat on the mat.<|im_end|>"]
+    assert C.end_of_turn_token_ids(t, SMOLLM2) == [_id(t, "<|im_end|>")]  # EOS is the end of turn: listed once
+
+
+def test_template_that_rewrites_content(tok):
+    """Llama-3 style templates trim the content: the turn is still found (content + <|eot_id|>)."""
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  it is five \n"}]
+    ids, mask = C.sft_example(tok, LLAMA3, conv)
+    assert _masked_runs(tok, ids, mask) == ["it is five<|eot_id|>"]
+    _, ct, _ = C.preference_texts(tok, LLAMA3, "hi", "  it is five \n", "no")
+    assert ct == "it is five<|eot_id|>"
