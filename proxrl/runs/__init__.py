@@ -3,27 +3,38 @@
 Imports nothing of proxrl except ``proxrl.errors``.
 """
 from proxrl.runs.checkpoint import (
+    CheckpointError,
+    check_tensor_shapes,
     checkpoint_dir,
     checkpoint_step,
+    clean_interrupted_saves,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_latest_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    verify_checkpoint,
 )
 from proxrl.runs.metrics import MetricsLogger, read_metrics
 from proxrl.runs.plots import plot_metrics, plot_xy
 from proxrl.runs.progress import progress_bar
 from proxrl.runs.rng import generator_state, rng_state, set_generator_state, set_rng_state
-from proxrl.runs.rundir import RunDir, atomic_write
+from proxrl.runs.rundir import RunDir, RunLock, atomic_write
 
 __all__ = [
     "RunDir",
+    "RunLock",
     "atomic_write",
     "MetricsLogger",
     "read_metrics",
     "save_checkpoint",
     "load_checkpoint",
+    "load_latest_checkpoint",
+    "verify_checkpoint",
+    "check_tensor_shapes",
+    "CheckpointError",
+    "clean_interrupted_saves",
     "latest_checkpoint",
     "list_checkpoints",
     "prune_checkpoints",
