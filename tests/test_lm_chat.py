@@ -117,7 +117,8 @@ def test_render_prompt_layouts(tok):
     assert C.render_prompt(tok, CHATML, "hi there") == want
     assert C.render_prompt(tok, CHATML, [{"role": "user", "content": "hi there"}]) == want
     # no template: the contents joined
-    assert C.render_prompt(tok, None, [{"role": "system", "content": "S. "}, {"role": "user", "content": "U"}]) == "S. U"
+    two = [{"role": "system", "content": "S. "}, {"role": "user", "content": "U"}]
+    assert C.render_prompt(tok, None, two) == "S. U"
 
 
 def test_prompt_token_ids_no_added_specials(tok):
@@ -278,7 +279,8 @@ def test_template_file_roundtrip_json_safe(tok, tmp_path):
 
 
 SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-           "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+           "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+           "<|im_end|>\\n' }}"
            "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 

@@ -353,7 +353,8 @@ def preference_texts(tokenizer: Any, template: str | None, prompt: Prompt | None
         prompt_text = prompt
         prompt_msgs: list[dict[str, Any]] = []
     else:
-        prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where)
+        prompt_msgs = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                       else check_messages(prompt, where))
         prompt_text = render_prompt(tokenizer, template, prompt_msgs, where)
     return (prompt_text, _completion_text(tokenizer, template, prompt_msgs, prompt_text, chosen, where),
             _completion_text(tokenizer, template, prompt_msgs, prompt_text, rejected, where))
