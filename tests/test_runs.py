@@ -57,7 +57,7 @@ def test_rundir_create_refuses_existing_run_and_roundtrips_config(tmp_path):
     rd.write_config(cfg)
     assert rd.read_config() == {**cfg, "hidden": [64, 64]}
     (rd.path / "keep.txt").write_text("x")
-    with pytest.raises(UserError, match=r"already exists; pass --resume .*run to continue"):
+    with pytest.raises(UserError, match=r"run already exists; it has no checkpoint but holds .*\(keep\.txt\)"):
         RunDir(tmp_path / "run").create()
     RunDir(tmp_path / "run").create(exist_ok=True)
     assert (rd.path / "keep.txt").read_text() == "x"  # nothing deleted

@@ -53,8 +53,9 @@ def _dead_pid() -> int:
 def test_rerun_reuses_a_directory_left_without_a_checkpoint(tmp_path):
     rd = _failed_run(tmp_path / "run")
     (rd.path / "samples.md").write_text("stale")
-    with pytest.raises(UserError, match="already exists"):  # samples.md: not a file the trainer declared
-        RunDir(rd.path).create()
+    with pytest.raises(UserError, match=r"already exists; it has no checkpoint but holds files a run does not write "
+                                         r"before its first one \(samples\.md\); delete it"):
+        RunDir(rd.path).create()  # samples.md: not a file the trainer declared
     RunDir(rd.path).create(outputs=("samples.md",))  # before: "already exists; pass --resume" for a dead run
     assert sorted(p.name for p in rd.path.iterdir()) == ["checkpoints", "plots"]
     assert read_metrics(rd) == [] and not rd.has_run()
@@ -79,14 +80,14 @@ def test_directory_with_a_checkpoint_or_foreign_files_is_never_cleared(tmp_path)
 
     rd = _failed_run(tmp_path / "b")
     (rd.path / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match=r"already exists; .*\(notes\.txt\)"):
         RunDir(rd.path).create()
     assert (rd.path / "notes.txt").read_text() == "mine" and rd.has_run()
 
     hand = tmp_path / "c"  # a config.yaml the user wrote (e.g. --config c/config.yaml --run-dir c)
     hand.mkdir()
     (hand / "config.yaml").write_text("env_id: CartPole-v1\n")
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="already exists; its config.yaml was not written by this proxrl"):
         RunDir(hand).create()
     assert (hand / "config.yaml").read_text() == "env_id: CartPole-v1\n"
 

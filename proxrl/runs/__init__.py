@@ -16,7 +16,7 @@ from proxrl.runs.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from proxrl.runs.metrics import MetricsLogger, read_metrics
+from proxrl.runs.metrics import MetricsLogger, StepLog, read_metrics
 from proxrl.runs.plots import plot_metrics, plot_xy
 from proxrl.runs.progress import progress_bar
 from proxrl.runs.rng import generator_state, rng_state, set_generator_state, set_rng_state
@@ -27,6 +27,7 @@ __all__ = [
     "RunLock",
     "atomic_write",
     "MetricsLogger",
+    "StepLog",
     "read_metrics",
     "save_checkpoint",
     "load_checkpoint",

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import numbers
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,45 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SECTION_RE = re.compile(r"^<!-- step (-?\d+) -->$")
+
+
+class StepLog:
+    """An append-only text log in sections tagged by step (e.g. ``samples.md``), safe to resume.
+
+    Each :meth:`append` writes a marker line ``<!-- step N -->`` (invisible in rendered Markdown) and then the text.
+    ``resume_from_step=N`` drops the sections with step > N (written by a crashed run after its last checkpoint), so
+    a resumed run's file equals an uninterrupted run's instead of holding those sections twice. Text before the first
+    marker (a file written without markers) is kept.
+    """
+
+    def __init__(self, path: str | Path, resume_from_step: int | None = None) -> None:
+        self.path = Path(path)
+        if resume_from_step is not None and self.path.is_file():
+            try:
+                text = self.path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read {self.path}: {e}; fix or delete the file") from e
+            kept: list[str] = []
+            keep = True
+            for line in text.splitlines(keepends=True):
+                m = _SECTION_RE.match(line.rstrip("\n"))
+                if m is not None:
+                    keep = int(m.group(1)) <= resume_from_step
+                if keep:
+                    kept.append(line)
+            new = "".join(kept)
+            if new != text:
+                atomic_write(self.path, new)
+
+    def append(self, step: int, text: str) -> None:
+        """Append ``text`` (a trailing newline is added if missing) as the section of ``step``."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise ValueError(f"step must be an int, got {step!r}")
+        if not text.endswith("\n"):
+            text += "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"<!-- step {int(step)} -->\n{text}")

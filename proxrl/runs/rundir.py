@@ -385,20 +385,24 @@ class RunDir:
         except OSError:
             return False
 
-    def _stale_entries(self, outputs: Iterable[str]) -> list[Path] | None:
+    def _stale_entries(self, outputs: Iterable[str]) -> tuple[list[Path] | None, str]:
         """The entries of a directory a failed run left (no complete checkpoint, only files a run writes before
-        its first checkpoint, a config.yaml written by proxrl), or None if it is not such a directory."""
+        its first checkpoint, a config.yaml written by proxrl), or ``(None, why it is not such a directory)``."""
         from proxrl.runs.checkpoint import list_checkpoints
 
         if list_checkpoints(self.path):
-            return None
+            return None, f"pass --resume {self.path} to continue it or choose another --run-dir"
         if self.config_path.exists() and not self._written_by_proxrl():
-            return None
+            return None, ("its config.yaml was not written by this proxrl and it has no checkpoint; delete it or "
+                          "choose another --run-dir")
         known = set(self.RUN_FILES) | set(outputs)
-        entries = list(self.path.iterdir())
-        if any(p.name not in known and not _is_temp_name(p.name) for p in entries):
-            return None
-        return [p for p in entries if p.name != LOCK_FILE]
+        entries = sorted(self.path.iterdir())
+        foreign = [p.name for p in entries if p.name not in known and not _is_temp_name(p.name)]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            return None, (f"it has no checkpoint but holds files a run does not write before its first one "
+                          f"({shown}); delete it or choose another --run-dir")
+        return [p for p in entries if p.name != LOCK_FILE], ""
 
     def create(self, exist_ok: bool = False, outputs: Iterable[str] = ()) -> "RunDir":
         """Create the directory tree, ready for a new run (``exist_ok=False``) or a resumed one (``exist_ok=True``).
@@ -420,12 +424,9 @@ class RunDir:
             if (self.path / "checkpoints").is_dir():
                 clean_interrupted_saves(self.path)
             if not exist_ok:
-                stale = self._stale_entries(outputs)
+                stale, why = self._stale_entries(outputs)
                 if stale is None and self.has_run():
-                    raise UserError(
-                        f"run directory {self.path} already exists; pass --resume {self.path} to continue it "
-                        "or choose another --run-dir"
-                    )
+                    raise UserError(f"run directory {self.path} already exists; {why}")
                 for p in stale or ():
                     if p.name == "checkpoints" and p.is_dir() and not p.is_symlink():
                         for q in p.iterdir():  # partial step dirs; temp dirs of a save still running are kept
