@@ -1,0 +1,692 @@
+"""Devices and multi-process training on PyTorch's own engine: torchrun, ``torch.distributed``, DDP, FSDP2.
+
+The trainers call the few functions of this module and nothing else of :mod:`torch.distributed`, so a
+1-process run (plain ``python``/``proxrl``, or ``torchrun --nproc_per_node 1``) needs no process group and
+every collective below is then a no-op that returns its input's value.
+
+Devices
+    :func:`resolve_device` (``auto|cpu|cuda|cuda:N|mps``), :func:`configure_device` (TF32 matmuls on CUDA),
+    :func:`autocast` (bf16 autocast on CUDA/CPU).
+Process group
+    :func:`init_distributed` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) and returns a :class:`DistInfo`; gloo on CPU, NCCL (plus gloo for CPU
+    tensors) on CUDA; timeout ``PROXRL_DIST_TIMEOUT`` seconds (default 60).
+Whole-batch statistics over all ranks
+    :func:`masked_mean`, :func:`masked_var`, :func:`global_normalize`, :func:`explained_variance` equal the
+    single-process :mod:`proxrl.core` functions on the concatenation of every rank's data (up to the order of
+    float sums); :func:`mean_over_ranks` for logged metrics; :func:`all_ranks_agree_stop` for the target-KL
+    early stop; :func:`all_reduce_mean_` for the control fast path's flat gradient (tensor or numpy array).
+Work split
+    :func:`shard_indices` (whole GRPO/RLOO groups stay on one rank), :func:`per_rank_seed`.
+Failure
+    :func:`run_main` / :func:`fail_fast`: a rank that raises prints ``error: rank R: <cause>`` once and ends
+    its process with a non-zero code, so torchrun tears the other ranks down; a rank stuck in a collective
+    whose peer vanished gives up after the process-group timeout.
+
+See docs/distributed.md for the global-batch semantics and launch recipes.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from proxrl.errors import UserError
+
+__all__ = [
+    "DistInfo",
+    "resolve_device",
+    "configure_device",
+    "autocast",
+    "init_distributed",
+    "dist_info",
+    "is_main",
+    "is_distributed",
+    "require_distributed",
+    "barrier",
+    "shutdown",
+    "all_reduce_sum",
+    "all_reduce_mean",
+    "all_reduce_mean_",
+    "broadcast_object",
+    "masked_mean",
+    "masked_var",
+    "global_normalize",
+    "explained_variance",
+    "mean_over_ranks",
+    "all_ranks_agree_stop",
+    "shard_indices",
+    "per_rank_seed",
+    "wrap_ddp",
+    "unwrap_model",
+    "run_main",
+    "fail_fast",
+    "DEFAULT_TIMEOUT_S",
+]
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 60.0
+TIMEOUT_ENV = "PROXRL_DIST_TIMEOUT"
+# A non-main rank that fails waits this long before reporting, so that when every rank hits the same bad input
+# rank 0 reports it and torchrun (which polls its workers every 0.1 s) ends the others before they print.
+_REPORT_GRACE_S = 1.5
+_FAILED_KEY = "proxrl/failed"
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+# ============================================================================================ devices
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not an integer; launch with torchrun, "
+                        f"which sets it") from None
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device named by ``spec``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (case-insensitive).
+
+    ``auto`` is CUDA when available, else CPU. Under torchrun, ``auto`` and ``cuda`` mean
+    ``cuda:LOCAL_RANK`` (one GPU per process); ``cuda:N`` with several processes on the node is rejected,
+    since it would put them all on one GPU.
+
+    Raises:
+        UserError: (one line) CUDA or MPS requested but not available, a CUDA index this machine lacks,
+            ``LOCAL_RANK`` beyond the visible GPUs, or an unknown spec.
+    """
+    s = str(spec).strip().lower()
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", 1)
+    if s == "cpu":
+        return torch.device("cpu")
+    if s == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError(f"device {spec!r}: MPS (Apple GPU) is not available in this torch build/machine; "
+                            f"use --device cpu or auto")
+        return torch.device("mps")
+    if s == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        s = "cuda"
+    if s == "cuda" or s.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device {spec!r}: CUDA is not available (torch {torch.__version__}, "
+                            f"{'no CUDA build' if torch.version.cuda is None else 'no GPU visible'}); "
+                            f"use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if s == "cuda":
+            index = local_rank
+            if index >= count:
+                raise UserError(f"device {spec!r}: LOCAL_RANK={local_rank} but only {count} CUDA device(s) are "
+                                f"visible; run at most {count} processes per node")
+            return torch.device("cuda", index)
+        tail = s[len("cuda:"):]
+        if not tail.isdigit():
+            raise UserError(f"device {spec!r} is not a device; use {DEVICE_CHOICES}")
+        index = int(tail)
+        if index >= count:
+            raise UserError(f"device {spec!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        if local_world > 1:
+            raise UserError(f"device {spec!r} with {local_world} processes per node would put them all on one "
+                            f"GPU; use --device cuda (each process takes cuda:LOCAL_RANK)")
+        return torch.device("cuda", index)
+    raise UserError(f"device {spec!r} is not a device; use {DEVICE_CHOICES}")
+
+
+def configure_device(device: torch.device) -> None:
+    """Make ``device`` the current device and allow TF32 matmuls and convolutions on CUDA (no-op elsewhere).
+
+    TF32 keeps fp32 range with a 10-bit mantissa on Ampere and newer GPUs (~1e-3 relative error per matmul),
+    the usual setting for training (PyTorch's ``float32_matmul_precision = "high"``).
+    """
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device.type, dtype=torch.bfloat16)`` on CUDA and CPU when ``bf16``, else a no-op context.
+
+    Weights and optimizer state stay float32; matmuls (and the other autocast-listed ops) run in bf16.
+    """
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ============================================================================================ process group
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the job. A 1-process run is ``DistInfo(0, 1, 0, True)``.
+
+    Attributes:
+        rank: global rank in ``[0, world_size)``. world_size: number of processes in the job.
+        local_rank: rank on this node (picks the GPU). is_main: ``rank == 0``, the only rank that writes the
+            run directory, metrics, checkpoints and the progress bar.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    is_main: bool
+
+    @property
+    def distributed(self) -> bool:
+        """True when there are several processes (and so a process group)."""
+        return self.world_size > 1
+
+
+def _env_info() -> DistInfo:
+    rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    local = _env_int("LOCAL_RANK", 0)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, is_main=rank == 0)
+
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def dist_info() -> DistInfo:
+    """This process's :class:`DistInfo`: from the process group once initialised, else from torchrun's env vars."""
+    if _initialized():
+        rank = torch.distributed.get_rank()
+        return DistInfo(rank=rank, world_size=torch.distributed.get_world_size(),
+                        local_rank=_env_int("LOCAL_RANK", 0), is_main=rank == 0)
+    return _env_info()
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a 1-process run)."""
+    return dist_info().is_main
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one process is up."""
+    return _initialized() and torch.distributed.get_world_size() > 1
+
+
+def require_distributed(option: str) -> None:
+    """Raise a one-line UserError unless this process runs under torchrun with several processes.
+
+    For options that only make sense with several processes, e.g. ``require_distributed("--fsdp")``.
+    """
+    if _env_info().world_size <= 1:
+        raise UserError(f"{option} needs several processes: launch with "
+                        f"`torchrun --nproc_per_node N -m proxrl.cli ...` (N >= 2) or drop {option}")
+
+
+def _timeout_s() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if not raw.strip():
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds (default {DEFAULT_TIMEOUT_S:g})")
+    return value
+
+
+def init_distributed(device: torch.device | None = None) -> DistInfo:
+    """Join the job described by torchrun's environment; returns this process's :class:`DistInfo`.
+
+    With ``WORLD_SIZE`` unset or 1 nothing is initialised (every helper here is then a no-op). Otherwise the
+    default process group is created from ``MASTER_ADDR``/``MASTER_PORT`` (``env://``): backend ``gloo`` for a
+    CPU ``device`` (or ``None``), ``cpu:gloo,cuda:nccl`` for a CUDA one (NCCL for CUDA tensors, gloo for the
+    small CPU ones such as the early-stop vote), with a timeout of ``PROXRL_DIST_TIMEOUT`` seconds (default
+    60): a collective that waits longer for a vanished or stuck peer raises instead of hanging. Calling it
+    again returns the same info.
+
+    Args:
+        device: the device this rank computes on (from :func:`resolve_device`; ``cuda:LOCAL_RANK`` under
+            torchrun). It becomes the current CUDA device.
+
+    Raises:
+        UserError: torchrun's variables are inconsistent or missing (e.g. ``WORLD_SIZE=2`` without
+            ``MASTER_ADDR``), the timeout variable is not a positive number, or ``device`` is MPS.
+    """
+    info = _env_info()
+    if _initialized():
+        return dist_info()
+    if info.world_size <= 1:
+        return DistInfo(rank=0, world_size=1, local_rank=info.local_rank, is_main=True)
+    if not 0 <= info.rank < info.world_size:
+        raise UserError(f"RANK={info.rank} is outside [0, WORLD_SIZE={info.world_size}); launch with torchrun")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise UserError(f"WORLD_SIZE={info.world_size} but {' and '.join(missing)} not set; launch with "
+                        f"`torchrun --nproc_per_node N ...` (or set them as torchrun does)")
+    if not torch.distributed.is_available():
+        raise UserError("this torch build has no torch.distributed; run with one process")
+    timeout = datetime.timedelta(seconds=_timeout_s())
+    if device is not None and device.type == "mps":
+        raise UserError("several processes on MPS are not supported (no collective backend); use --device cpu")
+    if device is not None and device.type == "cuda":
+        configure_device(device)
+        torch.distributed.init_process_group(backend="cpu:gloo,cuda:nccl", timeout=timeout, device_id=device,
+                                             rank=info.rank, world_size=info.world_size)
+    else:
+        torch.distributed.init_process_group(backend="gloo", timeout=timeout, rank=info.rank,
+                                             world_size=info.world_size)
+    return dist_info()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op without a process group)."""
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the process group if there is one (call once at the end of a successful run)."""
+    if _initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ============================================================================================ collectives
+
+
+def _check_group() -> bool:
+    """True when collectives must run; raises if torchrun says several processes but none was initialised."""
+    if _initialized():
+        return torch.distributed.get_world_size() > 1
+    if _env_info().world_size > 1:
+        raise RuntimeError("WORLD_SIZE > 1 but the process group is not initialised; call "
+                           "proxrl.distributed.init_distributed() first")
+    return False
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of ``x`` over all ranks (a new tensor; ``x`` is unchanged). Any shape, same on every rank."""
+    out = x.detach().clone()
+    if _check_group():
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over all ranks (a new tensor). Integer tensors are summed then divided (float result)."""
+    out = all_reduce_sum(x)
+    n = dist_info().world_size if _check_group() else 1
+    if not out.is_floating_point():
+        out = out.double()
+    return out / n if n > 1 else out
+
+
+def all_reduce_mean_(flat: Tensor | np.ndarray) -> Tensor | np.ndarray:
+    """Average ``flat`` over all ranks IN PLACE and return it; for the control fast path's flat gradient.
+
+    Accepts a contiguous torch tensor or numpy array (shared memory through ``torch.from_numpy``), any
+    float dtype. One all-reduce per call: call it once per optimizer step, after the local gradient of the
+    rank's share of the minibatch and before gradient clipping, so clipping sees the global gradient.
+    """
+    if not _check_group():
+        return flat
+    t = torch.from_numpy(flat) if isinstance(flat, np.ndarray) else flat
+    if not t.is_contiguous():
+        raise ValueError("all_reduce_mean_ needs a contiguous tensor/array (it reduces in place)")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    t.div_(torch.distributed.get_world_size())
+    return flat
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank. JSON-serialisable values only (sent as JSON, never pickled).
+
+    Use it for decisions one rank takes (e.g. rank 0's resume checkpoint path and step).
+    """
+    if not _check_group():
+        return obj
+    rank = torch.distributed.get_rank()
+    payload = json.dumps(obj).encode("utf-8") if rank == src else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    torch.distributed.broadcast(size, src=src)
+    buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if rank == src
+           else torch.empty(int(size.item()), dtype=torch.uint8))
+    if buf.numel():
+        torch.distributed.broadcast(buf, src=src)
+    return obj if rank == src else json.loads(buf.numpy().tobytes().decode("utf-8"))
+
+
+def _weights(x: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return torch.ones_like(x)
+    if mask.dim() != x.dim() or any(m not in (1, s) for m, s in zip(mask.shape, x.shape)):
+        raise ValueError(f"shape mismatch: mask{tuple(mask.shape)} does not match x{tuple(x.shape)}; the mask "
+                         "needs the same number of dims and sizes equal (or 1)")
+    return mask.to(x.dtype).expand_as(x)
+
+
+def _masked_sum(x: Tensor, m: Tensor) -> Tensor:
+    """``sum_i m_i x_i`` where entries with ``m_i = 0`` never contribute (even NaN/inf ones)."""
+    return torch.where(m != 0, x * m, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
+
+
+def _global_moments(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(global weighted sum, global weight sum, global number of non-zero weights), one all-reduce."""
+    m = _weights(x, mask)
+    local = torch.stack([_masked_sum(x, m), m.sum(), (m != 0).sum().to(x.dtype)])
+    s = all_reduce_sum(local)
+    return s[0], s[1], s[2]
+
+
+def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Masked mean over the entries of every rank: ``sum_ranks sum_i m_i x_i / sum_ranks sum_i m_i``.
+
+    Equals :func:`proxrl.core.masked_mean` (``dim=None``) of the concatenated data. Ranks may hold different
+    numbers of entries. Args: ``x`` any shape; ``mask`` ``None`` or broadcastable with ``x``'s number of
+    dims. Returns a 0-d tensor (NaN if no rank has a valid entry). One all-reduce.
+    """
+    total, weight, _ = _global_moments(x, mask)
+    return total / weight
+
+
+def _masked_var_from(x: Tensor, m: Tensor, mean: Tensor, weight: Tensor, unbiased: bool) -> Tensor:
+    sq = all_reduce_sum(_masked_sum((x - mean) ** 2, m).reshape(1))[0]
+    var = sq / weight
+    if unbiased:
+        var = var * weight / (weight - 1) if weight > 1 else torch.full_like(var, float("nan"))
+    return var
+
+
+def masked_var(x: Tensor, mask: Tensor | None = None, unbiased: bool = True) -> Tensor:
+    """Masked variance over the entries of every rank, as :func:`proxrl.core.masked_var` of the concatenation.
+
+    ``var = sum m (x - mean)^2 / n`` with ``n = sum m`` over all ranks, times ``n / (n - 1)`` when
+    ``unbiased`` (NaN for ``n <= 1``). Two all-reduces (global mean first, then the squared deviations from
+    it: the same two-pass formula as the single-process function). Returns a 0-d tensor.
+    """
+    m = _weights(x, mask)
+    total, weight, _ = _global_moments(x, mask)
+    return _masked_var_from(x, m, total / weight, weight, unbiased)
+
+
+def global_normalize(x: Tensor, mask: Tensor | None = None, eps: float = 1e-8, shift_mean: bool = True) -> Tensor:
+    """Whiten ``x`` with statistics of the valid entries of ALL ranks: ``(x - mean) / (std + eps)``.
+
+    Same result as :func:`proxrl.core.normalize` on the concatenated batch, rows returned for this rank only
+    (advantage whitening over N ranks = whitening over the global batch). ``std`` is unbiased, taken as 0
+    with a single valid entry; masked-out entries come back as 0.
+
+    Args:
+        x: this rank's share, any shape ``S``. mask: ``None`` or broadcastable to ``S`` (same number of dims).
+        eps: added to the std. shift_mean: False only scales (``x / (std + eps)``).
+
+    Returns:
+        Tensor of shape ``S``.
+    """
+    m = _weights(x, mask)
+    total, weight, count = _global_moments(x, mask)
+    mean = total / weight
+    std = _masked_var_from(x, m, mean, weight, unbiased=bool(count > 1)).sqrt()
+    out = (x - mean) / (std + eps) if shift_mean else x / (std + eps)
+    if mask is not None:
+        out = torch.where(m != 0, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor | None = None) -> float:
+    """``1 - Var[R - V] / Var[R]`` over the entries of every rank, as :func:`proxrl.core.explained_variance`
+    of the concatenation (biased variances, float64; NaN when ``Var[R] == 0``)."""
+    if values.shape != returns.shape:
+        raise ValueError(f"shape mismatch: values{tuple(values.shape)}, returns{tuple(returns.shape)}")
+    with torch.no_grad():
+        v = values.detach().to(torch.float64)
+        r = returns.detach().to(torch.float64)
+        var_r = float(masked_var(r, mask, unbiased=False))
+        if var_r == 0.0 or math.isnan(var_r):
+            return float("nan")
+        return 1.0 - float(masked_var(r - v, mask, unbiased=False)) / var_r
+
+
+def mean_over_ranks(metrics: Mapping[str, float], weight: float = 1.0) -> dict[str, float]:
+    """Weighted mean of each metric over ranks, one all-reduce for the whole dict; NaN values are skipped.
+
+    ``out[k] = sum_r w_r x_r[k] / sum_r w_r`` over the ranks whose ``x_r[k]`` is finite or inf (NaN means "no
+    value here", e.g. an episodic return on a rank where no episode ended); NaN if no rank has a value.
+    Every rank must pass the same keys. Use ``weight`` = the rank's count behind its value (episodes,
+    tokens) for exact global means; the default weighs ranks equally (right for equal shares).
+    """
+    keys = list(metrics)
+    if not _check_group():
+        return {k: float(metrics[k]) for k in keys}
+    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    has = ~torch.isnan(vals)
+    w = torch.where(has, torch.full_like(vals, float(weight)), torch.zeros_like(vals))
+    packed = torch.cat([torch.where(has, vals * w, torch.zeros_like(vals)), w])
+    s = all_reduce_sum(packed)
+    num, den = s[: len(keys)], s[len(keys):]
+    return {k: (float(num[i] / den[i]) if den[i] > 0 else float("nan")) for i, k in enumerate(keys)}
+
+
+def all_ranks_agree_stop(flag: bool) -> bool:
+    """True on every rank if ANY rank passes True (one all-reduce of a max); for the target-KL early stop.
+
+    Each rank evaluates ``proxrl.core.kl_early_stop`` on its own or, better, on the global ``approx_kl``
+    (:func:`all_reduce_mean` of the minibatch KL); this vote makes sure all ranks stop at the same minibatch,
+    so no rank waits in a gradient all-reduce the others skip.
+    """
+    if not _check_group():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ============================================================================================ work split
+
+
+def shard_indices(n: int, rank: int, world_size: int, group_size: int = 1, what: str = "rollout") -> slice:
+    """This rank's contiguous share ``[rank * n / W, (rank + 1) * n / W)`` of ``n`` samples, as a ``slice``.
+
+    Samples come in contiguous groups of ``group_size`` (the GRPO/RLOO completions of one prompt); every
+    group stays whole on one rank. Use as ``tensor[s]`` or ``items[s]``.
+
+    Raises:
+        UserError: (one line) ``world_size`` does not divide ``n``, or ``group_size`` does not divide ``n``,
+            or ``world_size`` does not divide the number of groups ``n / group_size``.
+        ValueError: ``rank`` outside ``[0, world_size)`` or non-positive sizes (a programming error).
+    """
+    if world_size < 1 or group_size < 1 or n < 1:
+        raise ValueError(f"shard_indices needs n, world_size, group_size >= 1, got {n}, {world_size}, {group_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    if n % group_size:
+        raise UserError(f"{what} of {n} samples is not a whole number of groups of {group_size}; "
+                        f"make it a multiple of {group_size}")
+    groups = n // group_size
+    if groups % world_size:
+        if group_size == 1:
+            raise UserError(f"{what} of {n} samples cannot be split evenly over {world_size} processes; "
+                            f"make it a multiple of {world_size} or run {_divisors_hint(n)} processes")
+        raise UserError(f"{what} of {groups} groups of {group_size} cannot be split evenly over {world_size} "
+                        f"processes (each group stays on one process); make the number of groups a multiple "
+                        f"of {world_size} or run {_divisors_hint(groups)} processes")
+    per = n // world_size
+    return slice(rank * per, (rank + 1) * per)
+
+
+def _divisors_hint(n: int) -> str:
+    divs = [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+    return "/".join(str(d) for d in divs[:8])
+
+
+def per_rank_seed(seed: int, rank: int) -> int:
+    """The seed of ``rank``'s own streams (its envs, its sampling): ``seed`` itself on rank 0 (a 1-process run
+    is unchanged), a 31-bit value derived from ``(seed, rank)`` with numpy's ``SeedSequence`` otherwise."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed & (2**64 - 1), 0x5EED, rank]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# ============================================================================================ models
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device, **kwargs: Any) -> torch.nn.Module:
+    """``DistributedDataParallel(module)`` when several processes run, ``module`` unchanged otherwise.
+
+    DDP averages gradients over ranks during ``backward()`` (bucketed all-reduces overlapped with the
+    backward pass), so each rank's loss must be the mean over ITS share of the minibatch and the shares must
+    be equal for the result to equal the global-minibatch gradient. Use ``model.no_sync()`` on all but the
+    last micro-batch of a gradient-accumulation loop. ``kwargs`` go to DDP (e.g.
+    ``find_unused_parameters=True`` when some parameters get no gradient in a step).
+    """
+    if not is_distributed():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, **kwargs)
+
+
+def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (for saving and for calls that bypass ``forward``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+# ============================================================================================ failure
+
+
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*")
+_PEER_LOST = ("connection reset", "connection closed", "timed out", "timeout", "broken pipe", "nccl")
+
+
+def _peer_lost(e: BaseException, msg: str) -> bool:
+    """True for a collective that failed because another rank vanished or stalled (gloo/NCCL errors)."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    return isinstance(e, RuntimeError) and any(k in msg.lower() for k in _PEER_LOST)
+
+
+def _one_line(e: BaseException) -> str:
+    """The cause of a rank's failure on one line (at most ~400 characters of the exception's message)."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    msg = _SOURCE_PREFIX.sub("", " ".join(str(e).split()))
+    if len(msg) > 400:
+        msg = msg[:397] + "..."
+    if isinstance(e, UserError):
+        return msg or type(e).__name__
+    text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    if _peer_lost(e, msg):
+        text = (f"lost contact with another rank (killed, crashed, or stuck for over {TIMEOUT_ENV}="
+                f"{_timeout_s_or_default():g} s; the launcher's summary names it): {text}")
+    return text
+
+
+def _timeout_s_or_default() -> float:
+    try:
+        return _timeout_s()
+    except UserError:
+        return DEFAULT_TIMEOUT_S
+
+
+def _exit_code(e: BaseException) -> int:
+    if isinstance(e, UserError):
+        return int(e.exit_code)
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, int) else 1
+    return 1
+
+
+def _claim_report() -> bool:
+    """True if no other rank has reported a failure yet (first to add to the shared store); True when the
+    store cannot be reached (better two lines than none)."""
+    if not _initialized():
+        return True
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=2))
+        return int(store.add(_FAILED_KEY, 1)) == 1
+    except Exception:  # noqa: BLE001  the store's host may be the rank that died
+        return True
+
+
+def _report_and_exit(e: BaseException, debug: bool) -> None:
+    info = dist_info()
+    code = _exit_code(e)
+    if not info.is_main:
+        time.sleep(_REPORT_GRACE_S)  # let rank 0 report a failure every rank shares
+    first = _claim_report()
+    if first:
+        if debug:
+            traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+        print(f"error: rank {info.rank}: {_one_line(e)}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not first and os.environ.get("TORCHELASTIC_RUN_ID"):
+        # A consequence of another rank's failure (e.g. its socket closed under our collective): let torchrun,
+        # which is already tearing the job down, terminate us, so its summary names the failing rank alone.
+        time.sleep(min(_timeout_s_or_default(), 30.0))
+    # no destroy_process_group: it can block on a peer stuck in a collective; the OS closes the sockets
+    os._exit(code if code != 0 else 1)
+
+
+def _debug_env() -> bool:
+    return os.environ.get("PROXRL_DEBUG", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def fail_fast(debug: bool | None = None) -> Iterator[None]:
+    """Context for a rank's whole job: with several processes, an exception inside ends THIS process at once.
+
+    The failing rank prints ``error: rank R: <cause>`` (one line; the traceback before it only with
+    ``debug``, default ``PROXRL_DEBUG=1``) and calls ``os._exit(code)`` (the UserError's exit code, 130 for
+    Ctrl-C, else 1); torchrun sees the non-zero exit and terminates the other ranks. The line is printed
+    once per job: the first rank to report claims it in the process group's store, and a non-main rank waits
+    1.5 s first so that a failure every rank shares (bad input) is reported by rank 0. ``SystemExit(0)``
+    passes through. With one process the context does nothing: exceptions propagate to the caller (the CLI
+    prints them as today).
+    """
+    if _env_info().world_size <= 1:
+        yield
+        return
+    try:
+        yield
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        _report_and_exit(e, _debug_env() if debug is None else debug)
+    except BaseException as e:  # noqa: BLE001  every failure must end the job, Ctrl-C included
+        _report_and_exit(e, _debug_env() if debug is None else debug)
+
+
+def run_main(fn: Callable[..., T], *args: Any, debug: bool | None = None, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` inside :func:`fail_fast`; on success the process group is destroyed.
+
+    The CLI calls ``run_main(command, args)`` so that under torchrun a raising rank ends the job with one line.
+    """
+    with fail_fast(debug):
+        out = fn(*args, **kwargs)
+    shutdown()
+    return out
