@@ -113,7 +113,7 @@ def test_check_tensor_shapes_names_the_tensor(tmp_path):
     d = _save(tmp_path, 1)
     tensors, _ = load_checkpoint(d)
     check_tensor_shapes(d, tensors, {"w": (16, 16), "b": torch.Size([4])})
-    with pytest.raises(UserError, match=r"tensor 'w' has shape \[16, 16\] but the model expects \[32, 16\]; hidden") as e:
+    with pytest.raises(UserError, match=r"'w' has shape \[16, 16\] but the model expects \[32, 16\]; hidden") as e:
         check_tensor_shapes(d, tensors, {"w": (32, 16)}, fix="hidden_sizes changed")
     _one_line(e)
     with pytest.raises(UserError, match="no tensor 'v'"):

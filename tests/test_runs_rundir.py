@@ -22,6 +22,7 @@ from proxrl.runs import (
     clean_interrupted_saves,
     latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
     read_metrics,
     save_checkpoint,
 )
@@ -121,8 +122,9 @@ _KILL_MID_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("start", ["lock", "create", "load_latest"])
 @pytest.mark.parametrize("when", ["before_rename", "old_aside"])
-def test_kill_mid_save_leaves_temp_dirs_that_the_next_start_removes(tmp_path, when):
+def test_kill_mid_save_leaves_temp_dirs_that_the_next_start_removes(tmp_path, when, start):
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "-c", _KILL_MID_SAVE, str(run), when], env=ENV, capture_output=True)
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()
@@ -130,7 +132,13 @@ def test_kill_mid_save_leaves_temp_dirs_that_the_next_start_removes(tmp_path, wh
     assert leftovers and all(".tmp-" in n or ".old-" in n for n in leftovers)
     if when == "old_aside":
         assert not checkpoint_dir(run, 8).exists()  # step 8 is only in the .old- directory
-    RunDir(run).create(exist_ok=True)  # the resume's start
+    if start == "lock":
+        with RunDir(run).lock():
+            pass
+    elif start == "create":
+        RunDir(run).create(exist_ok=True)
+    else:
+        assert load_latest_checkpoint(run)[0] == checkpoint_dir(run, 8)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000000004", "step_000000008"]
     tensors, state = load_checkpoint(latest_checkpoint(run))
     assert state == {"step": 8} and torch.equal(tensors["x"], torch.full((3,), 8.0))

@@ -171,12 +171,14 @@ def _read_state(directory: Path) -> dict[str, Any]:
     """state.json of a checkpoint, its checksum verified (if it has one). CheckpointError naming the file."""
     if not directory.is_dir():
         raise _fail(directory, None, "missing",
-                    f"checkpoint directory {directory} does not exist; check the path or resume from another checkpoint")
+                    f"checkpoint directory {directory} does not exist; check the path or resume from another "
+                    f"checkpoint")
     weights, state_path = directory / WEIGHTS, directory / STATE
     for p in (weights, state_path):
         if not p.is_file():
             raise _fail(directory, p.name, f"{p.name} is missing",
-                        f"checkpoint file {p} is missing; the checkpoint is incomplete, delete {directory} or use another one")
+                        f"checkpoint file {p} is missing; the checkpoint is incomplete, delete {directory} or use "
+                        f"another one")
     try:
         state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -215,7 +217,8 @@ def _require(directory: Path, state: dict[str, Any], tensor_names: Iterable[str]
     names = set(tensor_names)
     missing_t = [t for t in require_tensors if t not in names]
     if missing_t:
-        shown = ", ".join(repr(t) for t in missing_t[:3]) + (f" and {len(missing_t) - 3} more" if len(missing_t) > 3 else "")
+        more = f" and {len(missing_t) - 3} more" if len(missing_t) > 3 else ""
+        shown = ", ".join(repr(t) for t in missing_t[:3]) + more
         raise _fail(directory, WEIGHTS, f"{WEIGHTS} lacks tensor {shown}",
                     f"checkpoint {directory} lacks tensor {shown} in {WEIGHTS}; it was written by another proxrl "
                     f"version or for another model: delete it or use another checkpoint")
@@ -344,9 +347,14 @@ def load_latest_checkpoint(
 
     If the newest one is corrupt or incomplete, raises a one-line UserError that names it and the file, and
     offers the newest older checkpoint that verifies ("...; the previous good one is step_W: delete
-    <newest> to resume from it") or says none does. Never falls back silently.
+    <newest> to resume from it") or says none does. Never falls back silently. First tidies what a save killed
+    midway left (:func:`clean_interrupted_saves`).
     """
     require_state, require_tensors = tuple(require_state), tuple(require_tensors)
+    try:
+        clean_interrupted_saves(run_dir)  # puts back a checkpoint a kill left set aside mid-replace
+    except OSError:
+        pass
     dirs = [p for _, p in _step_dirs(run_dir)]
     if not dirs:
         return None

@@ -181,6 +181,7 @@ class RunLock:
             os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         _HELD[key] = [fd, 1]
         self._key, self._created = key, created
+        _tidy(self.path)  # what a killed run left: nobody else can be writing now
         return self
 
     def _lock_fd(self) -> int:
@@ -229,7 +230,13 @@ class RunLock:
                 (self.path / LOCK_FILE).unlink(missing_ok=True)  # still holding it: nobody else can own this file
             except OSError:
                 pass
-            os.close(fd)  # releases the flock
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_UN)  # also for forked children that share this open file
+            except OSError:
+                pass
+            os.close(fd)
         if self._created:
             try:
                 self.path.rmdir()  # only if nothing was written into it
@@ -244,6 +251,17 @@ class RunLock:
 
     def __repr__(self) -> str:
         return f"RunLock({str(self.path)!r}, held={self.held})"
+
+
+def _tidy(path: Path) -> None:
+    """Remove the temp files and directories of writers that died (see ``clean_interrupted_saves``)."""
+    from proxrl.runs.checkpoint import clean_interrupted_saves
+
+    try:
+        clean_temp_files(path)
+        clean_interrupted_saves(path)
+    except OSError:
+        pass
 
 
 def _check_not_locked_elsewhere(path: Path) -> None:
@@ -414,15 +432,11 @@ class RunDir:
         ("already exists; pass --resume ..."). Also UserError if another process holds the directory's lock.
         ``outputs`` must name only files written during a run, never final results.
         """
-        from proxrl.runs.checkpoint import clean_interrupted_saves
-
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"run directory {self.path} exists and is not a directory; choose another --run-dir")
         if self.path.is_dir():
             _check_not_locked_elsewhere(self.path)
-            clean_temp_files(self.path)
-            if (self.path / "checkpoints").is_dir():
-                clean_interrupted_saves(self.path)
+            _tidy(self.path)
             if not exist_ok:
                 stale, why = self._stale_entries(outputs)
                 if stale is None and self.has_run():
