@@ -18,6 +18,9 @@ Whole-batch statistics over all ranks
     early stop; :func:`all_reduce_mean_` for the control fast path's flat gradient (tensor or numpy array).
 Work split
     :func:`shard_indices` (whole GRPO/RLOO groups stay on one rank), :func:`per_rank_seed`.
+Models
+    :func:`wrap_ddp` (DDP), :func:`fsdp_shard` (FSDP2 ``fully_shard`` per transformer block),
+    :func:`full_state_dict` / :func:`load_full_state_dict` (whole-model weights for rank 0 to save, any N).
 Failure
     :func:`run_main` / :func:`fail_fast`: a rank that raises prints ``error: rank R: <cause>`` once and ends
     its process with a non-zero code, so torchrun tears the other ranks down; a rank stuck in a collective
@@ -71,6 +74,10 @@ __all__ = [
     "per_rank_seed",
     "wrap_ddp",
     "unwrap_model",
+    "transformer_blocks",
+    "fsdp_shard",
+    "full_state_dict",
+    "load_full_state_dict",
     "run_main",
     "fail_fast",
     "DEFAULT_TIMEOUT_S",
@@ -569,6 +576,82 @@ def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformer: the entries of its longest ``nn.ModuleList`` whose entries all
+    share one class (GPT-2's ``transformer.h``, Llama's ``model.layers``); ``[]`` if there is none."""
+    best: list[torch.nn.Module] = []
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > len(best):
+            entries = list(mod)
+            if entries and all(type(e) is type(entries[0]) for e in entries):
+                best = entries
+    return best
+
+
+def fsdp_shard(model: torch.nn.Module, device: torch.device, bf16: bool = False,
+               blocks: list[torch.nn.Module] | None = None) -> torch.nn.Module:
+    """Shard ``model``'s parameters over all ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+    Each transformer block (``blocks``, default :func:`transformer_blocks`) becomes one FSDP unit, then the
+    root (embeddings, final norm, heads) another: a block's full parameters exist only while it runs (all-gather
+    before its forward and backward, reduce-scatter of its gradients after). ``model`` is changed in place (its
+    class becomes an FSDP subclass, its parameters DTensors sharded on dim 0) and returned; build the optimizer
+    AFTER this call. Gradients are averaged over ranks like DDP's, so per-rank losses must be means over equal
+    shares. With ``bf16`` on CUDA the mixed-precision policy computes in bf16 and reduces gradients in fp32
+    (parameters and optimizer state stay fp32); on CPU ``bf16`` is ignored here (use :func:`autocast`).
+    Save with :func:`full_state_dict` (rank 0 gets the whole model).
+
+    Raises:
+        UserError: fewer than 2 processes (``--fsdp`` needs torchrun).
+    """
+    require_distributed("--fsdp")
+    if not is_distributed():
+        raise RuntimeError("fsdp_shard needs the process group: call init_distributed() first")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {}
+    if bf16 and device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in transformer_blocks(model) if blocks is None else blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The whole model's state dict on CPU, for rank 0 to save (``from_pretrained``-compatible keys).
+
+    Works for plain, DDP-wrapped and FSDP-sharded models alike. Collective for FSDP: every rank must call it;
+    ranks other than 0 get ``{}`` for a sharded model (don't save there anyway).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    model = unwrap_model(model)
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a whole-model state dict (as :func:`full_state_dict` returns) into a plain, DDP or FSDP model.
+
+    For FSDP only rank 0 needs ``state`` (other ranks may pass ``{}``): rank 0's tensors are broadcast and
+    each rank keeps its shard, so a checkpoint saved with N processes loads with any M. Strict about keys.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    model = unwrap_model(model)
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        model.load_state_dict(dict(state), strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, dict(state),
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
 
 
 # ============================================================================================ failure

@@ -225,6 +225,93 @@ def test_ddp_on_two_halves_equals_one_process_on_the_full_batch(tmp_path):
             assert not torch.allclose(got[k], init[k], atol=1e-4), k  # and training did move them
 
 
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.lin(h))
+
+
+class _Tiny(torch.nn.Module):
+    """A transformer-shaped MLP: an input layer, a ModuleList of identical blocks, a head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = torch.nn.Linear(3, 8)
+        self.blocks = torch.nn.ModuleList([_Block() for _ in range(3)])
+        self.head = torch.nn.Linear(8, 1)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import FSDPModule
+
+    _set_rank_env(rank, 2, port)
+    info = D.init_distributed(torch.device("cpu"))
+    model = D.fsdp_shard(_Tiny(), torch.device("cpu"))
+    n_units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    x, y = _batch()
+    _train(model, *(t[D.shard_indices(8, info.rank, info.world_size)] for t in (x, y)))
+    sd = D.full_state_dict(model)
+    # reload into a fresh, differently initialised sharded model (rank 0 alone holds the weights)
+    fresh = D.fsdp_shard(_Tiny(seed=5), torch.device("cpu"))
+    D.load_full_state_dict(fresh, sd if rank == 0 else {})
+    with torch.no_grad():
+        out = fresh(x)
+    tensors = {"out": out.contiguous()}
+    if rank == 0:
+        tensors.update({f"sd.{k}": v.contiguous() for k, v in sd.items()})
+    save_file(tensors, str(Path(out_dir, f"rank{rank}.safetensors")))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"units": n_units, "sd_keys": len(sd)}))
+    D.shutdown()
+
+
+def test_fsdp_two_ranks_equal_one_process_save_and_reload(tmp_path):
+    from safetensors.torch import load_file
+
+    _spawn(_fsdp_worker, str(tmp_path))
+    ref = _Tiny()
+    x, y = _batch()
+    _train(ref, x, y)
+    r0 = load_file(str(tmp_path / "rank0.safetensors"))
+    meta = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert meta[0] == {"units": 4, "sd_keys": 10} and meta[1] == {"units": 4, "sd_keys": 0}  # 3 blocks + root
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(r0[f"sd.{k}"], v, rtol=0, atol=1e-6), k
+    with torch.no_grad():
+        expect = ref(x)
+    for rank in range(2):
+        assert torch.allclose(load_file(str(tmp_path / f"rank{rank}.safetensors"))["out"], expect, atol=1e-12)
+
+
+def test_fsdp_needs_torchrun_and_finds_gpt2_blocks():
+    with pytest.raises(UserError, match="--fsdp needs several processes"):
+        D.fsdp_shard(_Tiny(), torch.device("cpu"))
+    tiny = _Tiny()
+    assert [id(b) for b in D.transformer_blocks(tiny)] == [id(b) for b in tiny.blocks]
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=32,
+                                                                n_positions=16))
+    blocks = D.transformer_blocks(gpt2)
+    assert len(blocks) == 3 and all(b is h for b, h in zip(blocks, gpt2.transformer.h))
+    assert D.transformer_blocks(torch.nn.Linear(2, 2)) == []
+    plain = _Tiny()
+    assert D.full_state_dict(plain).keys() == plain.state_dict().keys()
+    other = _Tiny(seed=3)
+    D.load_full_state_dict(other, D.full_state_dict(plain))
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), plain.parameters()))
+
+
 # ---------------------------------------------------------------------------------------------- failure
 
 RAISE_SCRIPT = """
