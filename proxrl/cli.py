@@ -51,9 +51,8 @@ def _train(args: argparse.Namespace) -> None:
 
     if args.resume:
         run = RunDir(args.resume)
-        saved = run.read_config()
-        overrides = {k: v for k, v in vars(args).items() if k in {"total_steps"}}
-        cfg = C.from_dict(ControlConfig, {**saved, **overrides}, source=str(run.config_path))
+        given = {k: v for k, v in C.given_options(ControlConfig, args).items() if not (k == "env_id" and v is None)}
+        cfg = C.resume_config(ControlConfig, run.read_config(), given, source=str(run.config_path))
         result = train(cfg, run.path, resume=True, progress=not args.no_progress)
         _finish_control_run(run.path, result)
         return
@@ -82,7 +81,8 @@ def _eval(args: argparse.Namespace) -> None:
     from proxrl.control import evaluate_run
 
     r = evaluate_run(args.run_dir, episodes=args.episodes, seed=args.seed)
-    print(f"eval {args.run_dir}: mean return {r['mean_return']:.2f} +- {r['std_return']:.2f} over {args.episodes} episodes")
+    print(f"eval {args.run_dir}: mean return {r['mean_return']:.2f} +- {r['std_return']:.2f} over {r['episodes']} "
+          f"episodes (seed {r['seed']}, {Path(r['checkpoint']).name})")
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -207,15 +207,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("env_id", nargs="?", metavar="ENV_ID", help="Gymnasium environment id, e.g. CartPole-v1")
     p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/ENV_seedS_TIMESTAMP)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue RUN_DIR from its last checkpoint (exactly as if never interrupted); "
-                        "its saved config is used, --total-steps may extend it")
+                   help="continue RUN_DIR from its last checkpoint (exactly as if never interrupted) with its saved "
+                        "config; only --total-steps (not below the steps done), --target-return, --eval-every, "
+                        "--eval-episodes, --checkpoint-every, --keep-checkpoints, --threads and --tensorboard "
+                        "may change")
     p.add_argument("--no-preset", action="store_true", help="ignore the tuned preset for ENV_ID; use plain defaults")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = add("eval", _eval, "Deterministic evaluation of a control run's last checkpoint.", config_flag=False)
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--episodes", type=int, default=10, help="episodes to average (default: 10)")
-    p.add_argument("--seed", type=int, default=12345, help="seed of the evaluation env (default: 12345)")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="episodes to average (default: the run's eval_episodes)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the evaluation envs, in [0, 2**63) (default: the run's own evaluation seed, so "
+                        "the evaluation logged at the last checkpoint is reproduced)")
 
     p = add("plot", _plot, "Draw a run's PNG plots into RUN_DIR/plots.", config_flag=False)
     p.add_argument("run_dir", metavar="RUN_DIR")

@@ -1,31 +1,44 @@
 """FlatAdam / clip_grad_norm match torch.optim.Adam / clip_grad_norm_; flat parameters keep gradients intact."""
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from proxrl.control.adam import FlatAdam, clip_grad_norm
+from proxrl.control.adam import FlatAdam, clip_grad_norm, grad_norm
 from proxrl.control.flat_params import flatten_parameters
 from proxrl.control.policy import ActorCritic
 
 torch.set_num_threads(1)
 
 
-def test_flat_adam_matches_torch_adam():
+def _adam_run(lr_at, steps=200):
+    """FlatAdam and torch.optim.Adam from the same start on the same gradients, with lr_at(i) set before step i."""
     torch.manual_seed(0)
     p_ref = torch.nn.Parameter(torch.randn(300))
     p = torch.nn.Parameter(p_ref.detach().clone())
-    ref = torch.optim.Adam([p_ref], lr=3e-3, eps=1e-5)
-    ours = FlatAdam(p, lr=3e-3, eps=1e-5)
-    for i in range(200):
+    ref = torch.optim.Adam([p_ref], lr=lr_at(0), eps=1e-5)
+    ours = FlatAdam(p, lr=lr_at(0), eps=1e-5)
+    for i in range(steps):
         g = torch.randn(300) * (1 + i % 7)
         p_ref.grad, p.grad = g.clone(), g.clone()
-        ref.lr = ours.lr = 3e-3 * (1 - i / 200)
+        ours.lr = lr_at(i)  # what the trainer does for the learning-rate schedule
         for group in ref.param_groups:
-            group["lr"] = ours.lr
+            group["lr"] = lr_at(i)
         ref.step()
         ours.step()
+    return p.detach(), p_ref.detach(), ours
+
+
+def test_flat_adam_matches_torch_adam_under_a_changing_learning_rate():
+    decaying = lambda i: 3e-3 * (1 - i / 200)  # noqa: E731
+    p, p_ref, ours = _adam_run(decaying)
     assert torch.allclose(p, p_ref, atol=1e-5, rtol=1e-5)
     assert ours.step_count == 200
+    # the schedule is really followed: with a constant rate both sides end elsewhere
+    p_const, _, _ = _adam_run(lambda i: 3e-3)
+    assert (p_const - p).abs().max() > 1e-3
 
 
 def test_clip_grad_norm_matches_torch():
@@ -35,10 +48,14 @@ def test_clip_grad_norm_matches_torch():
     ref_norm = torch.nn.utils.clip_grad_norm_([p], 0.5)
     ours = g.clone()
     norm = clip_grad_norm(ours, 0.5)
-    assert torch.allclose(norm, ref_norm) and torch.allclose(ours, p.grad)
+    assert norm == pytest.approx(ref_norm.item(), rel=1e-6) and torch.allclose(ours, p.grad)
+    assert grad_norm(g) == pytest.approx(norm, rel=1e-12)
     small = torch.full((4,), 0.01)
-    clip_grad_norm(small, 0.5)
+    assert clip_grad_norm(small, 0.5) == pytest.approx(0.02)
     assert torch.equal(small, torch.full((4,), 0.01))
+    # a non-finite norm is reported and leaves the gradient as it is (the trainer names the bad entry)
+    bad = torch.tensor([1.0, float("inf"), 2.0])
+    assert math.isinf(clip_grad_norm(bad, 0.5)) and bad.tolist() == [1.0, float("inf"), 2.0]
 
 
 def test_flat_parameters_share_values_and_gradients():

@@ -22,13 +22,21 @@ from proxrl.errors import UserError
         ({"gae_lambda": -0.1}, "gae_lambda=-0.1"),
         ({"epochs": 0}, "epochs=0"),
         ({"num_envs": 2, "rollout_steps": 4, "num_minibatches": 16}, "num_minibatches=16"),
-        ({"num_envs": 3, "rollout_steps": 5, "num_minibatches": 2}, "not divisible"),
         ({"num_envs": 0}, "num_envs=0"),
         ({"rollout_steps": 0}, "rollout_steps=0"),
         ({"total_steps": 0}, "total_steps=0"),
         ({"target_kl": 0.0}, "target_kl=0.0"),
-        ({"clip_value_coef": -0.2}, "clip_value_coef=-0.2"),
+        ({"value_clip_coef": -0.2}, "value_clip_coef=-0.2"),
         ({"max_grad_norm": -1.0}, "max_grad_norm=-1.0"),
+        ({"max_grad_norm": 0.0}, "use none to disable"),
+        ({"seed": -1}, "seed=-1 must be in [0, 2**63)"),
+        ({"seed": 2**63}, "seed=9223372036854775808"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints=0"),
+        ({"grad_backend": "jax"}, "grad_backend='jax'"),
+        ({"value_coef": float("inf")}, "value_coef=inf must be a finite number"),
+        ({"entropy_coef": float("inf")}, "entropy_coef=inf"),
+        ({"init_log_std": float("nan")}, "init_log_std=nan"),
+        ({"target_return": float("-inf")}, "target_return=-inf"),
         ({"entropy_coef": -0.01}, "entropy_coef=-0.01"),
         ({"hidden_sizes": "64,x"}, "hidden_sizes='64,x'"),
         ({"hidden_sizes": "64,0"}, "hidden_sizes='64,0'"),
@@ -56,7 +64,6 @@ def test_presets_are_valid_configs():
     for env_id, preset in PRESETS.items():
         cfg = from_dict(ControlConfig, preset)
         assert cfg.env_id == env_id
-        assert sizes(cfg).batch_size % cfg.num_minibatches == 0
     cp = ControlConfig(**PRESETS["CartPole-v1"])
     assert (cp.num_envs, cp.rollout_steps, cp.num_minibatches, cp.epochs) == (8, 32, 1, 20)
     assert (cp.gamma, cp.gae_lambda, cp.learning_rate, cp.lr_schedule, cp.clip_schedule) == (0.98, 0.8, 1e-3, "linear", "linear")
@@ -70,5 +77,32 @@ def test_every_field_has_help_text():
 def test_sizes_are_derived_not_written_back():
     cfg = ControlConfig(num_envs=8, rollout_steps=32, num_minibatches=4, total_steps=1000)
     s = sizes(cfg)
-    assert (s.batch_size, s.minibatch_size, s.num_updates) == (256, 64, 4)
+    assert (s.batch_size, s.num_updates) == (256, 4)
     assert not hasattr(cfg, "batch_size")
+    # the batch need not divide evenly: ppo_update splits the real transitions into near-equal minibatches
+    assert ControlConfig(num_envs=3, rollout_steps=5, num_minibatches=2).num_minibatches == 2
+
+
+@pytest.mark.parametrize("old, new", [("clip_value_coef", "value_clip_coef"), ("norm_adv", "normalize_advantages")])
+def test_old_option_names_get_a_one_line_error_naming_the_new_one(old, new):
+    with pytest.raises(UserError, match=f"option '{old}' was renamed to '{new}'"):
+        from_dict(ControlConfig, {old: 0.2 if "clip" in old else True}, source="old.yaml")
+
+
+@pytest.mark.parametrize("key, value", [("value_coef", float("inf")), ("entropy_coef", "inf"),
+                                        ("init_log_std", float("nan")), ("max_grad_norm", float("nan"))])
+def test_non_finite_float_options_are_rejected_from_a_file(key, value):
+    with pytest.raises(UserError, match=f"'{key}'.*finite"):
+        from_dict(ControlConfig, {key: value}, source="c.yaml")
+
+
+def test_max_grad_norm_none_disables_clipping():
+    assert ControlConfig(max_grad_norm=None).max_grad_norm is None
+    assert from_dict(ControlConfig, {"max_grad_norm": None}).max_grad_norm is None
+
+
+def test_resumable_fields_are_fields_and_exclude_what_changes_learning():
+    names = {f.name for f in dataclasses.fields(ControlConfig)}
+    assert ControlConfig.resumable_fields <= names
+    for learning in ("learning_rate", "seed", "num_envs", "hidden_sizes", "grad_backend", "vector_mode", "gamma"):
+        assert learning not in ControlConfig.resumable_fields

@@ -1,4 +1,5 @@
-"""The fast PPO gradients (numpy MLPs, hand-written backward, closed-form loss gradient) equal autograd's."""
+"""The numpy PPO gradient (numpy MLPs, hand-written backward, closed-form loss gradient) equals autograd's; the
+numpy classes refuse layers they do not support, and grad_backend picks numpy only where it can run."""
 from __future__ import annotations
 
 import itertools
@@ -9,11 +10,12 @@ import torch
 
 from proxrl.control import PRESETS, ControlConfig
 from proxrl.control.flat_params import flatten_parameters
-from proxrl.control.mlp_grad import ManualActorCritic
+from proxrl.control.mlp_grad import NumpyMLP
 from proxrl.control.policy import ActorCritic, NumpyPolicy
-from proxrl.control.ppo import TorchPPOGradient
+from proxrl.control.ppo import TorchPPOGradient, resolve_grad_backend
 from proxrl.control.ppo_grad import NumpyPPOGradient
 from proxrl.core import entropy_from_logits, policy_loss, value_loss
+from proxrl.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -44,7 +46,7 @@ def _grad(fn, flat, batch, as_numpy=False):
 
 
 @pytest.mark.parametrize(
-    "discrete,hidden,activation,clip_value,entropy_coef,norm_adv",
+    "discrete,hidden,activation,clip_value,entropy_coef,normalize_advantages",
     [
         (d, h, a, cv, e, n)
         for d, h, a, cv, e, n in itertools.product([True, False], HIDDEN, ["tanh", "relu"], [None, 0.2], [0.0, 0.01],
@@ -52,18 +54,17 @@ def _grad(fn, flat, batch, as_numpy=False):
         if n or (cv is None and e == 0.0)
     ],
 )
-def test_fast_gradients_equal_autograd_float64(discrete, hidden, activation, clip_value, entropy_coef, norm_adv):
-    cfg = ControlConfig(**{**PRESETS["CartPole-v1"], "clip_value_coef": clip_value, "entropy_coef": entropy_coef,
-                           "value_coef": 0.7, "norm_adv": norm_adv})
+def test_fast_gradients_equal_autograd_float64(discrete, hidden, activation, clip_value, entropy_coef,
+                                               normalize_advantages):
+    cfg = ControlConfig(**{**PRESETS["CartPole-v1"], "value_clip_coef": clip_value, "entropy_coef": entropy_coef,
+                           "value_coef": 0.7, "normalize_advantages": normalize_advantages})
     policy, flat, batch = _setup(discrete, HIDDEN[hidden], activation)
     ref_grad, ref_stats = _grad(TorchPPOGradient(policy, flat, cfg, clip_coef=0.15), flat, batch)
-    mlp_grad, mlp_stats = _grad(TorchPPOGradient(policy, flat, cfg, clip_coef=0.15, manual_mlp=True), flat, batch)
     np_grad, np_stats = _grad(NumpyPPOGradient(policy, cfg, clip_coef=0.15), flat, batch, as_numpy=True)
     assert ref_grad.abs().max() > 1e-3 and torch.isfinite(ref_grad).all()
     assert 0 < ref_stats[4] < 1  # some ratios clipped, some not: both branches of the surrogate are exercised
-    for grad, stats in ((mlp_grad, mlp_stats), (np_grad, np_stats)):
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(stats, ref_stats, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(np_grad, ref_grad, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np_stats, ref_stats, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("discrete", [True, False], ids=["Discrete", "Box"])
@@ -80,8 +81,9 @@ def test_fast_gradients_float32_match_autograd(discrete):
 
 @pytest.mark.parametrize("discrete,hidden,activation", [(True, "64,64", "tanh"), (False, "64", "relu"),
                                                         (True, "linear", "tanh"), (False, "5,7,3", "tanh")])
-def test_manual_mlp_backward_with_any_masked_loss(discrete, hidden, activation):
-    """NumpyMLP.backward is exact for any loss of the outputs (here core losses with masks and entropy)."""
+def test_numpy_mlp_backward_with_any_masked_loss(discrete, hidden, activation):
+    """NumpyMLP.backward is exact for any loss of the outputs (here core losses with masks and entropy): autograd
+    on the loss graph down to the MLP outputs as leaves, then the hand-written backward through both MLPs."""
     policy, flat, (obs, actions, old_logp, old_values, adv, returns) = _setup(discrete, HIDDEN[hidden], activation)
     mask = torch.rand(obs.shape[0]) > 0.3
 
@@ -95,22 +97,63 @@ def test_manual_mlp_backward_with_any_masked_loss(discrete, hidden, activation):
     log_std = None if discrete else policy.log_std
     loss_fn(policy.actor(obs), policy.value(obs), log_std).backward()
     ref = flat.grad.clone()
-    nets = ManualActorCritic(policy)
+
+    actor, critic = NumpyMLP(policy.actor), NumpyMLP(policy.critic)
     flat.grad.fill_(float("nan"))
-    nets.backward(loss_fn(*nets.forward(obs)))
+    out = torch.from_numpy(actor.forward(obs.numpy())).requires_grad_()
+    values = torch.from_numpy(critic.forward(obs.numpy()).reshape(-1)).requires_grad_()
+    leaves = (out, values) if discrete else (out, values, policy.log_std.detach().requires_grad_())
+    grads = torch.autograd.grad(loss_fn(*leaves, *([None] if discrete else [])), leaves)
+    actor.backward(grads[0].numpy())
+    critic.backward(grads[1].numpy().reshape(-1, 1))
+    if not discrete:
+        policy.log_std.grad.copy_(grads[2])
     torch.testing.assert_close(flat.grad, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_numpy_views_follow_optimizer_updates():
     """The numpy MLPs are views: an in-place parameter update is seen without rebuilding."""
     policy, flat, (obs, *_rest) = _setup(True, (64, 64), "tanh")
-    nets = ManualActorCritic(policy)
+    actor = NumpyMLP(policy.actor)
     with torch.no_grad():
         flat.mul_(1.5)
         ref = policy.actor(obs)
-    np.testing.assert_allclose(nets.actor.forward(obs.numpy()), ref.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(actor.forward(obs.numpy()), ref.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(NumpyPolicy(policy).value(obs.numpy()),
                                policy.value(obs).detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Sigmoid(), torch.nn.GELU(), torch.nn.LayerNorm(64)], ids=lambda m: type(m).__name__)
+def test_numpy_classes_raise_on_an_unsupported_layer(layer):
+    """An activation the numpy paths do not implement is refused by all three (never silently taken as tanh/ReLU)."""
+    policy, flat, _ = _setup(True, (64, 64), "tanh")
+    policy.actor[1] = layer  # Linear, <layer>, Linear, Tanh, Linear
+    with pytest.raises(ValueError, match=type(layer).__name__):
+        NumpyMLP(policy.actor)
+    with pytest.raises(ValueError, match=type(layer).__name__):
+        NumpyPolicy(policy)
+    with pytest.raises(ValueError, match=type(layer).__name__):
+        NumpyPPOGradient(policy, ControlConfig(**PRESETS["CartPole-v1"]), clip_coef=0.2)
+    with pytest.raises(ValueError, match="activation='gelu'"):
+        ActorCritic(4, 2, True, (8,), "gelu")
+
+
+def test_grad_backend_auto_takes_numpy_only_where_it_can():
+    policy, _, _ = _setup(True, (64, 64), "relu")
+    assert resolve_grad_backend("auto", policy) == "numpy"
+    assert resolve_grad_backend("numpy", policy) == "numpy"
+    assert resolve_grad_backend("autograd", policy) == "autograd"
+
+    class Custom(ActorCritic):  # a subclass may change the outputs or the loss: the numpy path cannot know
+        pass
+
+    custom = Custom(4, 3, True, (8,))
+    other, _, _ = _setup(True, (64, 64), "tanh")
+    other.critic[1] = torch.nn.SiLU()
+    for unsupported, needle in ((custom, "Custom"), (other, "SiLU")):
+        assert resolve_grad_backend("auto", unsupported) == "autograd"
+        with pytest.raises(UserError, match=f"grad_backend='numpy' cannot train this policy.*{needle}"):
+            resolve_grad_backend("numpy", unsupported)
 
 
 def _rollout(discrete, t=16, n=4, obs_dim=4, n_act=3, dtype=torch.float64, seed=0):
@@ -131,8 +174,8 @@ def _rollout(discrete, t=16, n=4, obs_dim=4, n_act=3, dtype=torch.float64, seed=
 
 
 @pytest.mark.parametrize("discrete,minibatches,extra", [
-    (True, 1, {}), (True, 4, {"clip_value_coef": 0.2, "entropy_coef": 0.01}), (False, 2, {"target_kl": 0.003}),
-    (False, 1, {"entropy_coef": 0.01, "norm_adv": False}),
+    (True, 1, {}), (True, 4, {"value_clip_coef": 0.2, "entropy_coef": 0.01}), (False, 2, {"target_kl": 0.003}),
+    (False, 1, {"entropy_coef": 0.01, "normalize_advantages": False}), (True, 3, {"max_grad_norm": None}),
 ])
 def test_ppo_update_backends_agree(discrete, minibatches, extra):
     """Whole updates (epochs, minibatches, clipping, Adam, target-KL stop) give the same weights and metrics."""
@@ -160,3 +203,31 @@ def test_ppo_update_backends_agree(discrete, minibatches, extra):
     for weights, metrics in others:
         torch.testing.assert_close(weights, ref, rtol=1e-9, atol=1e-11)
         assert metrics == pytest.approx(ref_metrics, rel=1e-9, abs=1e-11, nan_ok=True)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "autograd"])
+def test_target_kl_stops_above_target_kl_without_a_factor(backend):
+    """core.kl_early_stop's rule (approx_kl > target_kl) in the update: a first minibatch whose KL is 1.2x the
+    target stops before its step (SB3's 1.5x rule would step on), one whose KL is just below the target steps."""
+    from proxrl.control.adam import FlatAdam
+    from proxrl.control.ppo import ppo_update
+
+    def run(target_kl_factor):
+        policy, flat, _ = _setup(True, (16,), "tanh")
+        rollout = _rollout(True)
+        rollout.valid[:] = True
+        with torch.no_grad():
+            logp, _, _ = policy.evaluate(rollout.obs, rollout.actions)
+            log_ratio = -0.1 * torch.rand(logp.shape, generator=torch.Generator().manual_seed(3), dtype=logp.dtype)
+            rollout.logprobs = logp - log_ratio  # so that r = pi / pi_old = exp(log_ratio) before any step
+            kl = ((log_ratio.exp() - 1) - log_ratio).mean().item()  # k3 of the whole (single) minibatch
+        cfg = ControlConfig(**{**PRESETS["CartPole-v1"], "num_envs": 4, "rollout_steps": 16, "epochs": 3,
+                               "num_minibatches": 1, "target_kl": kl * target_kl_factor})
+        before = flat.detach().clone()
+        m = ppo_update(policy, FlatAdam(flat, lr=1e-3), flat, rollout, cfg, 0.2, torch.Generator(), backend=backend)
+        return m, torch.equal(before, flat.detach())
+
+    stopped, unchanged = run(1 / 1.2)
+    assert stopped["minibatch_steps"] == 0 and stopped["early_stop_epoch"] == 1 and unchanged
+    went_on, unchanged = run(1.01)
+    assert went_on["minibatch_steps"] >= 1 and not unchanged

@@ -49,7 +49,7 @@ def test_same_seed_gives_bitwise_identical_weights(tmp_path):
 
 @pytest.mark.parametrize("make_cfg", [_cartpole, _pendulum], ids=["CartPole-native", "Pendulum-sync-normalised"])
 def test_resume_matches_uninterrupted_run_bitwise(tmp_path, make_cfg):
-    cfg = make_cfg(checkpoint_every=512)
+    cfg = make_cfg(checkpoint_every=512, keep_checkpoints=3)
     full, cut = tmp_path / "full", tmp_path / "cut"
     train(cfg, full, progress=False)
     ckpts = list_checkpoints(full)

@@ -10,7 +10,7 @@ torch.set_num_threads(1)
 
 
 def reference_gae(rewards, values, next_values, terminated, truncated, gamma, lam):
-    """Slow scalar reference: one env (a python list per argument), straight from the contract's equations."""
+    """Slow scalar reference: one env (a python list per argument), straight from the GAE equations (docs/theory.md, Section 4)."""
     T = len(rewards)
     adv = [0.0] * T
     next_adv = 0.0

@@ -1,4 +1,4 @@
-"""The layering rules of proxrl (see the contract): checked on the import graph, statically and at runtime.
+"""The layering rules of proxrl (README's layout section): checked on the import graph, statically and at runtime.
 
 * ``proxrl.core``: torch / numpy / stdlib only, nothing of proxrl outside itself.
 * ``proxrl.runs``: nothing of proxrl except itself and ``proxrl.errors``.
@@ -14,16 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _py_files(subpackage: str, root: Path = ROOT) -> list[Path]:
     d = root / "proxrl" / subpackage
     files = sorted(d.rglob("*.py")) if d.is_dir() else []
-    if not files:
-        pytest.skip(f"proxrl/{subpackage} has no Python files yet")
+    assert files, f"proxrl/{subpackage} has no Python files: the layering rule would check nothing"
     return files
 
 
@@ -138,8 +135,7 @@ def test_import_core_is_light():
 def test_theory_doc_references_exist():
     """docs/theory.md places each equation beside `path.py::name` references; they must not rot."""
     doc = ROOT / "docs" / "theory.md"
-    if not doc.exists():
-        pytest.skip("docs/theory.md not written yet")
+    assert doc.is_file(), "docs/theory.md is missing"
     refs = set(re.findall(r"`((?:tests|proxrl)/[\w/]+\.py)::(\w+)`", doc.read_text(encoding="utf-8")))
     assert refs, "no references found"
     missing = []

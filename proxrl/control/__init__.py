@@ -8,8 +8,9 @@ Public API::
     plot_run(run_dir, dims=None, env_fn=None) -> list[Path]
 """
 from proxrl.control.config import ControlConfig, Sizes, sizes
+from proxrl.control.evaluate import evaluate_run
+from proxrl.control.plots import plot_run
 from proxrl.control.presets import PRESETS
-from proxrl.control.run_api import evaluate_run, plot_run
 from proxrl.control.train import train
 
 __all__ = ["ControlConfig", "Sizes", "sizes", "PRESETS", "train", "evaluate_run", "plot_run"]

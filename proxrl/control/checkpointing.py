@@ -11,9 +11,10 @@ Environment state is *not* stored: envs are re-seeded deterministically at every
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -27,7 +28,11 @@ from proxrl.control.running_stats import ObsNormalizer, RewardScaler
 from proxrl.errors import UserError
 from proxrl.runs import RunDir, generator_state, latest_checkpoint, load_checkpoint, rng_state, set_generator_state, set_rng_state
 
-__all__ = ["pack", "restore", "build_policy", "LoadedAgent", "load_agent"]
+__all__ = ["pack", "restore", "build_policy", "check_checkpoint", "LoadedAgent", "load_agent", "STATE_KEYS"]
+
+# What pack() writes into state.json (restore() and the trainer read every one of them).
+STATE_KEYS = ("global_step", "update", "env_epoch", "train_seconds", "stopped", "optim_steps", "generator",
+              "action_rng", "rng", "space", "config")
 
 
 def build_policy(cfg: ControlConfig, info: SpaceInfo) -> ActorCritic:
@@ -97,6 +102,47 @@ def restore(
     set_rng_state(tensors, state["rng"])
 
 
+def check_checkpoint(
+    ckpt: Path,
+    tensors: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
+    expected: Mapping[str, torch.Tensor],
+    cfg: ControlConfig | None = None,
+    config_source: str = "the config",
+    state_keys: tuple[str, ...] = STATE_KEYS,
+) -> None:
+    """One-line UserError unless checkpoint ``ckpt`` can be restored into the objects that produced ``expected``.
+
+    Checks, in this order: ``state`` holds every key of ``state_keys``; when ``cfg`` is given, the config saved in
+    the checkpoint equals ``cfg`` on every field a resume may not change (``ControlConfig.resumable_fields``),
+    naming the first that differs and where ``cfg`` came from (``config_source``, e.g. the run's config.yaml);
+    ``tensors`` holds every tensor of ``expected`` (``pack()`` of freshly built objects) with the same shape.
+    """
+    where = f"delete {ckpt} to use an earlier checkpoint, or start the run again"
+    missing = [k for k in state_keys if k not in state]
+    if missing:
+        raise UserError(f"checkpoint {ckpt} is incomplete: state.json lacks {missing[0]!r}; {where}")
+    if cfg is not None:
+        saved = from_dict(ControlConfig, state["config"], source=str(ckpt / "state.json"))
+        for f in dataclasses.fields(ControlConfig):
+            ours, theirs = getattr(cfg, f.name), getattr(saved, f.name)
+            if f.name not in ControlConfig.resumable_fields and ours != theirs:
+                raise UserError(f"{config_source} has {f.name}={ours!r} but checkpoint {ckpt} was trained with "
+                                f"{f.name}={theirs!r}; restore {f.name}: {theirs!r} to resume it")
+    for name, tensor in expected.items():
+        if name not in tensors:
+            raise UserError(f"checkpoint {ckpt} is incomplete: model.safetensors lacks tensor {name!r}; {where}")
+        if tuple(tensors[name].shape) != tuple(tensor.shape) or tensors[name].dtype != tensor.dtype:
+            raise UserError(f"checkpoint {ckpt}: tensor {name!r} is {tensors[name].dtype} {list(tensors[name].shape)} "
+                            f"but the config builds {tensor.dtype} {list(tensor.shape)}; the checkpoint belongs to "
+                            "another config")
+    if any(name.startswith("policy.") for name in expected):
+        extra = [name for name in tensors if name.startswith("policy.") and name not in expected]
+        if extra:
+            raise UserError(f"checkpoint {ckpt} holds tensor {extra[0]!r} that the config does not build; the "
+                            "checkpoint belongs to another config")
+
+
 @dataclass
 class LoadedAgent:
     """A trained policy with its frozen observation normaliser, as stored in a run directory."""
@@ -114,25 +160,35 @@ def load_agent(run_dir: str | Path) -> LoadedAgent:
     rd = RunDir(run_dir)
     if not rd.path.is_dir():
         raise UserError(f"run directory {rd.path} does not exist; pass the directory given to 'proxrl train'")
+    if rd.has_run() and "env_id" not in rd.read_config():
+        raise UserError(f"{rd.path} is not a control run (its config.yaml has no env_id, e.g. an LM run); "
+                        "pass a directory written by 'proxrl train'")
     ckpt = latest_checkpoint(rd.path)
     if ckpt is None:
         raise UserError(f"no checkpoint in {rd.checkpoints}; train the run (or let it reach a checkpoint) first")
     tensors, state = load_checkpoint(ckpt)
+    check_checkpoint(ckpt, tensors, state, {}, state_keys=("config", "space"))
     cfg = from_dict(ControlConfig, state["config"], source=str(ckpt / "state.json"))
     space = state["space"]
     low = tensors.get("space.action_low")
     high = tensors.get("space.action_high")
-    info = SpaceInfo(
-        int(space["obs_dim"]),
-        bool(space["discrete"]),
-        int(space["action_dim"]),
-        None if low is None else low.numpy(),
-        None if high is None else high.numpy(),
-    )
+    try:
+        info = SpaceInfo(
+            int(space["obs_dim"]),
+            bool(space["discrete"]),
+            int(space["action_dim"]),
+            None if low is None else low.numpy(),
+            None if high is None else high.numpy(),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {ckpt}: state.json has a malformed 'space' entry ({e!r}); delete it or use "
+                        "another checkpoint") from e
     policy = build_policy(cfg, info)
+    obs_norm = ObsNormalizer(info.obs_dim, cfg.norm_obs, cfg.obs_clip)
+    expected = {f"policy.{k}": v for k, v in policy.state_dict().items()}
+    check_checkpoint(ckpt, tensors, state, {**expected, **obs_norm.state_tensors()}, state_keys=())
     policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
     policy.eval()
-    obs_norm = ObsNormalizer(info.obs_dim, cfg.norm_obs, cfg.obs_clip)
     obs_norm.load_state_tensors(tensors)
     return LoadedAgent(cfg, info, policy, obs_norm, state, ckpt)
 

@@ -7,11 +7,10 @@ where those agree; each help text says where a default comes from. Tuned per-env
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from proxrl.config import check, opt
 from proxrl.errors import UserError
@@ -61,11 +60,17 @@ class ControlConfig:
         "CartPole-v1",
         "Gymnasium environment id (e.g. CartPole-v1) or a factory 'pkg.module:function' returning a gymnasium.Env.",
     )
-    seed: int = opt(1, "Seed for the network init, action sampling, minibatch order and environments (CleanRL default 1).")
+    seed: int = opt(
+        1, "Seed in [0, 2**63) for the network init, action sampling, minibatch order and environments (CleanRL default 1)."
+    )
     total_steps: int = opt(100_000, "Environment steps to train for, summed over the parallel envs.")
     num_envs: int = opt(8, "Parallel environments in the vector env (rl-zoo CartPole value; CleanRL uses 4).")
     rollout_steps: int = opt(128, "Steps collected per env before each update (CleanRL num_steps default 128).")
-    num_minibatches: int = opt(4, "Minibatches the num_envs*rollout_steps batch is split into per epoch (CleanRL default 4).")
+    num_minibatches: int = opt(
+        4,
+        "Random minibatches per epoch: the rollout's transitions (num_envs*rollout_steps less the NEXT_STEP reset steps, "
+        "which are dropped) are split into this many near-equal parts (CleanRL default 4).",
+    )
     epochs: int = opt(4, "Passes over the rollout batch per update (CleanRL update_epochs default 4).")
     learning_rate: float = opt(2.5e-4, "Adam learning rate at the start of training (CleanRL ppo.py default 2.5e-4).")
     lr_schedule: Literal["constant", "linear"] = opt(
@@ -77,18 +82,29 @@ class ControlConfig:
     clip_schedule: Literal["constant", "linear"] = opt(
         "constant", "How the clip epsilon evolves: 'linear' decays it to 0 at total_steps (SB3 default constant)."
     )
-    clip_value_coef: float | None = opt(
-        None, "Clip the value update to +-this around the old values; none = unclipped value loss (SB3 default)."
+    value_clip_coef: float | None = opt(
+        None,
+        "Clip the value update to +-this around the old values and take the larger of the clipped and unclipped "
+        "squared errors (baselines/CleanRL; SB3's clip_range_vf uses the clipped prediction only); "
+        "none = unclipped value loss (SB3 default).",
     )
-    value_coef: float = opt(0.5, "Weight of the value loss in the total loss (CleanRL and SB3 default 0.5).")
+    value_coef: float = opt(
+        0.5,
+        "Weight of the value loss, which is 0.5*mean((V-R)^2): 0.5 matches CleanRL's effective weight and is half of "
+        "SB3's (SB3's value loss is the plain MSE, so SB3's vf_coef=0.5 is value_coef=1 here).",
+    )
     entropy_coef: float = opt(0.0, "Weight of the entropy bonus (SB3 default 0.0; CleanRL uses 0.01 for Atari/CartPole).")
-    max_grad_norm: float = opt(0.5, "Clip the global gradient norm to this; 0 disables (CleanRL and SB3 default 0.5).")
+    max_grad_norm: float | None = opt(
+        0.5, "Clip the global gradient norm to this; none = no clipping (CleanRL and SB3 default 0.5)."
+    )
     target_kl: float | None = opt(
         None,
-        "Stop the epoch loop of an update once the minibatch approx KL (k3) exceeds 1.5*target_kl "
-        "(SB3 rule); none = never stop early (SB3 default).",
+        "Stop the update's remaining minibatches and epochs once a minibatch's approx KL (k3) exceeds target_kl "
+        "(CleanRL's threshold, checked after every minibatch; SB3 stops at 1.5*target_kl); none = never stop early.",
     )
-    norm_adv: bool = opt(True, "Normalise advantages per minibatch to mean 0, std 1 (CleanRL and SB3 default true).")
+    normalize_advantages: bool = opt(
+        True, "Normalise advantages per minibatch to mean 0, std 1 (CleanRL and SB3 default true)."
+    )
     norm_obs: bool = opt(False, "Normalise observations with running mean/std, clipped to +-obs_clip (SB3 VecNormalize).")
     norm_reward: bool = opt(
         False, "Divide rewards by the running std of the discounted return, clipped to +-reward_clip (SB3 VecNormalize)."
@@ -115,11 +131,31 @@ class ControlConfig:
         "How envs are vectorised: the env's own vector implementation (native), one process (sync) or one "
         "process per env (async); auto = native when the env id has one, else sync.",
     )
+    keep_checkpoints: int = opt(2, "Keep only this many newest checkpoints in run_dir/checkpoints (at least 1).")
+    grad_backend: Literal["auto", "numpy", "autograd"] = opt(
+        "auto",
+        "How the PPO loss gradient is computed: 'numpy' in closed form with hand-written MLP backward (fast; MLP "
+        "policies of Linear/Tanh/ReLU layers only), 'autograd' with torch autograd (any policy, the reference), "
+        "'auto' = numpy when the policy supports it, else autograd.",
+    )
     threads: int = opt(1, "torch.set_num_threads for training (1 is fastest for small MLPs).")
     tensorboard: bool = opt(True, "Also write TensorBoard events to run_dir/tb.")
 
+    renamed_fields: ClassVar[dict[str, str]] = {
+        "clip_value_coef": "value_clip_coef",
+        "norm_adv": "normalize_advantages",
+    }
+    # What a --resume may change: the budget, evaluation, checkpointing and logging, never the learning itself.
+    resumable_fields: ClassVar[frozenset[str]] = frozenset({
+        "total_steps", "target_return", "eval_every", "eval_episodes", "checkpoint_every", "keep_checkpoints",
+        "threads", "tensorboard",
+    })
+
     def __post_init__(self) -> None:
         check(isinstance(self.env_id, str), f"env_id={self.env_id!r} must be a string")
+        for name, value in vars(self).items():  # also for configs built in Python, not only from flags / YAML
+            check(not isinstance(value, float) or math.isfinite(value), f"{name}={value} must be a finite number")
+        check(0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)")
         check(self.total_steps >= 1, f"total_steps={self.total_steps} must be at least 1")
         check(self.num_envs >= 1, f"num_envs={self.num_envs} must be at least 1")
         check(self.rollout_steps >= 1, f"rollout_steps={self.rollout_steps} must be at least 1")
@@ -130,11 +166,6 @@ class ControlConfig:
             f"num_minibatches={self.num_minibatches} exceeds the rollout batch num_envs*rollout_steps={batch}; "
             "use fewer minibatches or a longer rollout",
         )
-        check(
-            batch % self.num_minibatches == 0,
-            f"rollout batch num_envs*rollout_steps={batch} is not divisible by num_minibatches="
-            f"{self.num_minibatches}; pick a divisor of {batch}",
-        )
         check(self.epochs >= 1, f"epochs={self.epochs} must be at least 1")
         check(
             math.isfinite(self.learning_rate) and self.learning_rate > 0,
@@ -144,12 +175,15 @@ class ControlConfig:
         check(0 <= self.gae_lambda <= 1, f"gae_lambda={self.gae_lambda} must be in [0, 1]")
         check(math.isfinite(self.clip_coef) and self.clip_coef > 0, f"clip_coef={self.clip_coef} must be positive")
         check(
-            self.clip_value_coef is None or self.clip_value_coef > 0,
-            f"clip_value_coef={self.clip_value_coef} must be positive or none (unclipped)",
+            self.value_clip_coef is None or self.value_clip_coef > 0,
+            f"value_clip_coef={self.value_clip_coef} must be positive or none (unclipped)",
         )
         check(self.value_coef >= 0, f"value_coef={self.value_coef} must be >= 0")
         check(self.entropy_coef >= 0, f"entropy_coef={self.entropy_coef} must be >= 0")
-        check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping)")
+        check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            f"max_grad_norm={self.max_grad_norm} must be positive; use none to disable gradient clipping",
+        )
         check(self.target_kl is None or self.target_kl > 0, f"target_kl={self.target_kl} must be positive or none")
         check(self.obs_clip > 0, f"obs_clip={self.obs_clip} must be positive")
         check(self.reward_clip > 0, f"reward_clip={self.reward_clip} must be positive")
@@ -157,7 +191,12 @@ class ControlConfig:
         check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0 = only at the end)")
         check(self.eval_episodes >= 1, f"eval_episodes={self.eval_episodes} must be at least 1")
         check(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = only at the end)")
+        check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be at least 1")
         check(self.threads >= 1, f"threads={self.threads} must be at least 1")
+        check(
+            self.grad_backend in ("auto", "numpy", "autograd"),
+            f"grad_backend={self.grad_backend!r} must be one of auto, numpy, autograd",
+        )
         for name in ("lr_schedule", "clip_schedule"):
             value = getattr(self, name)
             check(value in ("constant", "linear"), f"{name}={value!r} must be 'constant' or 'linear'")
@@ -173,10 +212,8 @@ class ControlConfig:
 class Sizes:
     """Quantities derived from a :class:`ControlConfig` (never written back into it)."""
 
-    batch_size: int  # num_envs * rollout_steps transitions per update
-    minibatch_size: int  # batch_size // num_minibatches
+    batch_size: int  # num_envs * rollout_steps env steps per update
     num_updates: int  # ceil(total_steps / batch_size); the last update may overshoot total_steps
-    hidden: tuple[int, ...]
 
 
 def sizes(cfg: ControlConfig) -> Sizes:
@@ -184,12 +221,5 @@ def sizes(cfg: ControlConfig) -> Sizes:
     batch = cfg.num_envs * cfg.rollout_steps
     return Sizes(
         batch_size=batch,
-        minibatch_size=batch // cfg.num_minibatches,
         num_updates=max(1, math.ceil(cfg.total_steps / batch)),
-        hidden=parse_hidden_sizes(cfg.hidden_sizes),
     )
-
-
-def replace(cfg: ControlConfig, **changes) -> ControlConfig:
-    """A validated copy of ``cfg`` with ``changes`` applied."""
-    return dataclasses.replace(cfg, **changes)

@@ -7,7 +7,7 @@ Gymnasium 1.4's native ``CartPoleVectorEnv`` supports, and pinning one mode keep
   ``obs[i]`` (so bootstrapping a truncated episode uses ``V(obs[i])``, the value we compute next anyway);
 * the *following* ``step`` call ignores ``action[i]``, resets sub-env ``i`` and returns its first observation
   with ``reward 0, terminated False, truncated False``. That "reset step" is not a transition of the MDP;
-  the rollout marks it invalid (mask 0) so it never enters the losses.
+  the rollout marks it invalid and the update drops it from the batch, so it never enters the losses.
 
 Supported spaces: observations a flat 1-D ``Box``; actions ``Discrete`` (categorical policy) or a 1-D ``Box``
 (diagonal Gaussian). Anything else raises :class:`UserError` naming the space.
@@ -23,9 +23,10 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 
-from proxrl.errors import UserError
+from proxrl.errors import UserCodeError, UserError
 
-__all__ = ["EnvFactory", "SpaceInfo", "make_env_fn", "make_vector_env", "space_info", "AUTORESET_MODE", "derive_seed"]
+__all__ = ["EnvFactory", "SpaceInfo", "make_env_fn", "make_vector_env", "space_info", "AUTORESET_MODE", "derive_seed",
+           "env_call", "env_error"]
 
 AUTORESET_MODE = AutoresetMode.NEXT_STEP
 EnvFactory = Callable[[], gym.Env]
@@ -45,6 +46,28 @@ class SpaceInfo:
 def derive_seed(seed: int, *keys: int) -> int:
     """A 31-bit seed that depends on ``seed`` and ``keys`` (distinct streams for train/eval/re-seeds)."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def env_error(env_id: str, call: str, e: BaseException) -> UserCodeError:
+    """The one-line :class:`~proxrl.errors.UserCodeError` (exit 1) for exception ``e`` raised by the env's
+    ``call`` (``"step"`` or ``"reset"``); raise it ``from e``."""
+    return UserCodeError(f"env {env_id!r} raised in {call}(): {_one_line(e)}")
+
+
+def env_call(env_id: str, call: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, a call into the env, with any exception the env raises turned into
+    :func:`env_error`; our own :class:`UserError` passes through unchanged."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:
+        raise env_error(env_id, call, e) from e
 
 
 def make_env_fn(env_id: str, env_fn: EnvFactory | None = None) -> EnvFactory:
@@ -129,8 +152,8 @@ def make_vector_env(
             venv = cls([factory] * num_envs, autoreset_mode=AUTORESET_MODE)
         except UserError:
             raise
-        except Exception as e:  # a broken factory / env constructor
-            raise UserError(f"cannot create env {env_id!r}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # a broken factory / env constructor: user code
+            raise UserCodeError(f"cannot create env {env_id!r}: {_one_line(e)}") from e
     try:
         info = space_info(venv.single_observation_space, venv.single_action_space)
     except UserError:

@@ -4,18 +4,32 @@ Each evaluation runs ``episodes`` episodes on a separate vector env with ``min(e
 counting only the **first** episode of each sub-env per round (so short episodes are not over-represented),
 reset with a seed derived from ``seed`` and the round number: the same policy and seed give the same
 returns every time. Rewards are the env's raw rewards (never scaled).
+
+:func:`eval_seed` is the seed of a run's evaluations during training; :func:`evaluate_run` uses it by
+default, so it reproduces the evaluation logged at the run's last checkpoint.
 """
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from proxrl.control.envs import EnvFactory, SpaceInfo, derive_seed, make_vector_env
+from proxrl.control.checkpointing import load_agent
+from proxrl.control.envs import EnvFactory, SpaceInfo, derive_seed, env_call, make_vector_env
 from proxrl.control.policy import ActorCritic
 from proxrl.control.running_stats import ObsNormalizer
 from proxrl.errors import UserError
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "eval_seed", "evaluate_run"]
+
+EVAL_ENV_STREAM = 3  # derive_seed stream of the evaluation envs (train.py numbers the other streams)
+
+
+def eval_seed(seed: int) -> int:
+    """Seed of the evaluation envs of a run with config ``seed`` (the default of :func:`evaluate_run`)."""
+    return derive_seed(seed, EVAL_ENV_STREAM)
 
 MAX_EVAL_ENVS = 32
 MAX_EPISODE_STEPS = 100_000  # guard against envs without a time limit
@@ -26,6 +40,7 @@ class Evaluator:
 
     def __init__(self, env_id: str, episodes: int, vector_mode: str = "auto", env_fn: EnvFactory | None = None) -> None:
         self.episodes = episodes
+        self.env_id = env_id
         self.num_envs = min(episodes, MAX_EVAL_ENVS)
         self.venv, self.info = make_vector_env(env_id, self.num_envs, vector_mode, env_fn)
         self._obs = np.zeros((self.num_envs, self.info.obs_dim), np.float32)
@@ -47,7 +62,7 @@ class Evaluator:
         round_ = 0
         while len(returns) < self.episodes:
             need = min(n, self.episodes - len(returns))
-            obs, _ = self.venv.reset(seed=derive_seed(seed, round_))
+            obs, _ = env_call(self.env_id, "reset", self.venv.reset, seed=derive_seed(seed, round_))
             ep_ret = np.zeros(n, np.float64)
             ep_len = np.zeros(n, np.int64)
             finished = np.zeros(n, dtype=bool)
@@ -59,7 +74,7 @@ class Evaluator:
                 action = policy.deterministic_action(torch.from_numpy(self._obs)).numpy()
                 if info.action_low is not None:
                     action = np.clip(action, info.action_low, info.action_high)
-                obs, reward, terminated, truncated, _ = self.venv.step(action)
+                obs, reward, terminated, truncated, _ = env_call(self.env_id, "step", self.venv.step, action)
                 running = ~finished
                 ep_ret += np.where(running, reward, 0.0)
                 ep_len += running
@@ -80,3 +95,28 @@ class Evaluator:
             "returns": returns,
             "lengths": lengths,
         }
+
+
+def evaluate_run(
+    run_dir: str | Path, episodes: int | None = None, seed: int | None = None, env_fn: EnvFactory | None = None
+) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of ``run_dir`` deterministically (greedy actions, frozen obs stats).
+
+    ``episodes=None`` and ``seed=None`` use the run's own ``eval_episodes`` and evaluation seed
+    (:func:`eval_seed`), so by default this reproduces the ``eval_return_mean`` logged at that checkpoint.
+    ``env_fn`` is needed only for runs trained on a Python env factory. Returns ``{"mean_return",
+    "std_return", "episodes", "returns", "lengths", "checkpoint", "seed"}``.
+    """
+    if episodes is not None and episodes < 1:
+        raise UserError(f"episodes={episodes} must be at least 1")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UserError(f"seed={seed} must be in [0, 2**63); omit it to use the run's own evaluation seed")
+    agent = load_agent(run_dir)
+    seed = eval_seed(agent.cfg.seed) if seed is None else seed
+    episodes = agent.cfg.eval_episodes if episodes is None else episodes
+    evaluator = Evaluator(agent.cfg.env_id, episodes, agent.cfg.vector_mode, env_fn)
+    try:
+        result = evaluator.evaluate(agent.policy, agent.obs_norm, seed)
+    finally:
+        evaluator.close()
+    return {**result, "episodes": episodes, "checkpoint": str(agent.checkpoint), "seed": seed}

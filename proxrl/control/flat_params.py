@@ -2,8 +2,8 @@
 
 A small MLP has ~10 parameter tensors; Adam and gradient clipping then run ~10x more tiny kernels than
 they need to. After :func:`flatten_parameters` every parameter is a view into one flat ``nn.Parameter``
-and every ``.grad`` a view into its flat gradient, so the optimizer, ``clip_grad_norm_`` and zeroing touch
-a single tensor. Autograd accumulates into an existing ``.grad`` in place, which keeps the views live;
+and every ``.grad`` a view into its flat gradient, so the optimizer, the gradient clipping
+(:func:`proxrl.control.adam.clip_grad_norm`) and zeroing touch a single tensor. Autograd accumulates into an existing ``.grad`` in place, which keeps the views live;
 never set a parameter's ``.grad`` to None afterwards (zero the flat gradient instead).
 """
 from __future__ import annotations

@@ -1,21 +1,15 @@
 """Gradients of the actor-critic MLPs by hand: numpy forward/backward on views of the flat parameters.
 
 Why: a PPO gradient step on a 64x64 MLP with a minibatch of 256 is ~30 tiny kernels, and with ``nn`` +
-autograd the per-op overhead (and torch's slow float32 ``tanh`` at this size: ~7x numpy's) costs several
-times the arithmetic. Here the MLPs run in numpy (float32) on zero-copy views of the parameters and the
-chain rule through the layers is written out below (a handful of matmuls). :class:`NumpyMLP` is used by
+autograd the per-op overhead (and torch's slow float32 ``tanh`` at this size) costs several times the
+arithmetic (figures: benchmarks/README.md). Here the MLPs run in numpy (float32) on zero-copy views of the
+parameters and the chain rule through the layers is written out below (a handful of matmuls).
+:class:`NumpyMLP` is used by :class:`~proxrl.control.ppo_grad.NumpyPPOGradient` (grad backend ``"numpy"``):
+the gradient of the loss w.r.t. the network outputs in closed form, then :meth:`NumpyMLP.backward`.
+``tests/test_control_mlp_grad.py`` checks it against autograd (grad backend ``"autograd"``, the reference).
 
-* :class:`~proxrl.control.ppo_grad.NumpyPPOGradient` (backend ``"numpy"``, the default): the gradient of
-  the loss w.r.t. the network outputs in closed form, then :meth:`NumpyMLP.backward`;
-* :class:`ManualActorCritic` (backend ``"numpy-mlp"``): the :mod:`proxrl.core` loss built on the outputs
-  as autograd leaves, autograd on that small graph only, then :meth:`NumpyMLP.backward`.
-
-:class:`AutogradActorCritic` is the reference (plain ``nn`` forward, ``loss.backward()``);
-``tests/test_control_mlp_grad.py`` checks that all give the same gradient. :class:`ManualActorCritic` and
-:class:`AutogradActorCritic` share one interface, used by :class:`proxrl.control.ppo.TorchPPOGradient`::
-
-    out, value, log_std = nets.forward(obs)   # (N, n|d), (N,), (d,) or None -- tensors the loss is built on
-    nets.backward(loss)                       # writes dloss/dtheta into the flat gradient (all of it)
+Supported: an ``nn.Sequential`` of ``Linear`` layers with one activation kind (``Tanh`` or ``ReLU``) between
+them, ending with a ``Linear``; :class:`NumpyMLP` raises a ValueError naming any other layer.
 
 Chain rule for one MLP with layers ``l = 1..L``, activation ``f`` (tanh or relu), batch ``N``::
 
@@ -23,7 +17,7 @@ Chain rule for one MLP with layers ``l = 1..L``, activation ``f`` (tanh or relu)
     z_l = h_{l-1} W_l^T + b_l                   (N, d_l)      W_l: (d_l, d_{l-1}) as torch stores it
     h_l = f(z_l)  (l < L),   y = z_L            network output (logits / Gaussian mean / value)
 
-Given ``G = dL/dy`` (closed form, or autograd on the loss graph with ``y`` a leaf), for ``l = L, ..., 1``::
+Given ``G = dL/dy`` (closed form), for ``l = L, ..., 1``::
 
     dL/dz_L     = G
     dL/dW_l     = (dL/dz_l)^T h_{l-1}           (d_l, d_{l-1})
@@ -31,17 +25,42 @@ Given ``G = dL/dy`` (closed form, or autograd on the loss graph with ``y`` a lea
     dL/dh_{l-1} = dL/dz_l W_l                   (N, d_{l-1})   (not needed for l = 1)
     dL/dz_{l-1} = dL/dh_{l-1} * f'(z_{l-1}),    tanh: f' = 1 - h_{l-1}^2,  relu: f' = [h_{l-1} > 0]
 
-``log_std`` of a Gaussian policy is a parameter of the loss graph itself: its gradient comes from autograd.
+``log_std`` of a Gaussian policy is not part of either MLP: :mod:`.ppo_grad` writes its gradient itself.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from proxrl.control.policy import ActorCritic
+__all__ = ["NumpyMLP", "mlp_activation"]
 
-__all__ = ["NumpyMLP", "ManualActorCritic", "AutogradActorCritic"]
+_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+
+
+def mlp_activation(seq: nn.Module) -> str:
+    """``"tanh"`` or ``"relu"``: the one activation of a supported MLP; ValueError naming any unsupported layer.
+
+    Supported: ``nn.Sequential(Linear, act, Linear, act, ..., Linear)`` with ``act`` all ``Tanh`` or all ``ReLU``
+    (a single ``Linear`` is a linear model; its activation is reported as ``"tanh"`` and never used).
+    """
+    if not isinstance(seq, nn.Sequential):
+        raise ValueError(f"{type(seq).__name__} is not an nn.Sequential of Linear/Tanh/ReLU layers")
+    layers = list(seq)
+    kinds = set()
+    for i, m in enumerate(layers):
+        expect_linear = i % 2 == 0
+        if expect_linear and type(m) is not nn.Linear:
+            raise ValueError(f"layer {i} is {type(m).__name__}; the numpy MLP expects Linear layers alternating "
+                             "with Tanh or ReLU")
+        if not expect_linear:
+            if type(m) not in _ACTIVATIONS:
+                raise ValueError(f"layer {i} is {type(m).__name__}; the numpy MLP supports only Tanh and ReLU activations")
+            kinds.add(_ACTIVATIONS[type(m)])
+    if not layers or type(layers[-1]) is not nn.Linear:
+        raise ValueError("the numpy MLP must end with a Linear layer")
+    if len(kinds) > 1:
+        raise ValueError("the numpy MLP supports one activation kind per network, got both Tanh and ReLU")
+    return kinds.pop() if kinds else "tanh"
 
 
 class NumpyMLP:
@@ -53,6 +72,7 @@ class NumpyMLP:
     """
 
     def __init__(self, seq: nn.Sequential) -> None:
+        self.relu = mlp_activation(seq) == "relu"  # ValueError on any layer it does not support
         linears = [m for m in seq if isinstance(m, nn.Linear)]
         if any(m.weight.grad is None or m.bias.grad is None for m in linears):
             raise ValueError("NumpyMLP needs allocated .grad tensors (call flatten_parameters first)")
@@ -60,7 +80,6 @@ class NumpyMLP:
         self.biases = [m.bias.detach().numpy() for m in linears]  # (d_l,)
         self.weight_grads = [m.weight.grad.numpy() for m in linears]
         self.bias_grads = [m.bias.grad.numpy() for m in linears]
-        self.relu = any(isinstance(m, nn.ReLU) for m in seq)
         self._hidden: list[np.ndarray] = []
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -94,7 +113,7 @@ class NumpyMLP:
         if last == 0:
             return
         g = g_t.T @ self.weights[last]  # dL/dh_{L-1} (N, d_{L-1})
-        ones = np.ones(g.shape[0], g.dtype)  # batch sums as matrix-vector products: ~6x faster than sum(axis=0)
+        ones = np.ones(g.shape[0], g.dtype)  # batch sums as matrix-vector products (faster than sum(axis=0))
         for l in range(last - 1, -1, -1):
             h = self._hidden[l + 1]  # h_l = f(z_l)
             if self.relu:
@@ -106,49 +125,3 @@ class NumpyMLP:
             np.matmul(ones, g, out=self.bias_grads[l])
             if l > 0:
                 g = g @ self.weights[l]  # dL/dh_{l-1}
-
-
-class ManualActorCritic:
-    """``forward``: numpy MLPs, outputs returned as autograd leaves; ``backward``: autograd on the loss graph
-    down to those leaves, then :meth:`NumpyMLP.backward` through both networks."""
-
-    def __init__(self, policy: ActorCritic) -> None:
-        self.actor = NumpyMLP(policy.actor)
-        self.critic = NumpyMLP(policy.critic)
-        self.log_std_grad = None if policy.discrete else policy.log_std.grad
-        self.log_std = None if policy.discrete else policy.log_std
-        self._leaves: tuple[Tensor, ...] = ()
-
-    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(out, value, log_std)`` for ``obs`` ``(N, obs_dim)``: leaf tensors with ``requires_grad``."""
-        x = obs.numpy()
-        out = torch.from_numpy(self.actor.forward(x)).requires_grad_()
-        value = torch.from_numpy(self.critic.forward(x).reshape(-1)).requires_grad_()
-        log_std = None if self.log_std is None else self.log_std.detach().requires_grad_()
-        self._leaves = (out, value) if log_std is None else (out, value, log_std)
-        return out, value, log_std
-
-    def backward(self, loss: Tensor) -> None:
-        """Fill the flat gradient with ``dloss/dtheta`` (every slot is overwritten; no zeroing needed)."""
-        grads = torch.autograd.grad(loss, self._leaves, allow_unused=True)
-        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(self._leaves, grads)]
-        self.actor.backward(grads[0].numpy())
-        self.critic.backward(grads[1].numpy().reshape(-1, 1))
-        if self.log_std_grad is not None:
-            self.log_std_grad.copy_(grads[2])
-
-
-class AutogradActorCritic:
-    """The reference: ``nn`` forward with the autograd graph through the MLPs, ``loss.backward()``."""
-
-    def __init__(self, policy: ActorCritic, flat_param: nn.Parameter) -> None:
-        self.policy = policy
-        self.flat_param = flat_param
-
-    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        log_std = None if self.policy.discrete else self.policy.log_std
-        return self.policy.actor(obs), self.policy.value(obs), log_std
-
-    def backward(self, loss: Tensor) -> None:
-        self.flat_param.grad.zero_()
-        loss.backward()

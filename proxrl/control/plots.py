@@ -20,12 +20,11 @@ import torch
 
 from proxrl.control.checkpointing import LoadedAgent, load_agent
 from proxrl.control.envs import EnvFactory
-from proxrl.control.evaluate import Evaluator
-from proxrl.control.train import eval_seed
+from proxrl.control.evaluate import Evaluator, eval_seed
 from proxrl.errors import UserError
 from proxrl.runs import RunDir, atomic_write, plot_metrics, read_metrics
 
-__all__ = ["plot_all", "plot_returns", "plot_policy_map"]
+__all__ = ["plot_run", "plot_returns", "plot_policy_map"]
 
 OBS_NAMES = {
     "CartPole-v1": ["cart position", "cart velocity", "pole angle (rad)", "pole angular velocity"],
@@ -173,8 +172,12 @@ def _normalised(agent: LoadedAgent, x: torch.Tensor) -> torch.Tensor:
     return ((x - mean) / std).clamp(-agent.obs_norm.clip, agent.obs_norm.clip)
 
 
-def plot_all(run_dir: str | Path, dims: tuple[int, int] | None = None, env_fn: EnvFactory | None = None) -> list[Path]:
-    """All figures of a run (the policy map needs a checkpoint); returns the PNG paths."""
+def plot_run(run_dir: str | Path, dims: tuple[int, int] | None = None, env_fn: EnvFactory | None = None) -> list[Path]:
+    """Write all figures of a run to ``run_dir/plots`` (the policy map needs a checkpoint); returns the PNG paths.
+
+    ``dims``: the two observation dims of the policy map (default: the two the policy is most sensitive to);
+    ``env_fn``: needed only for runs trained on a Python env factory.
+    """
     rd = RunDir(run_dir)
     if not rd.metrics_path.is_file():
         raise UserError(f"{rd.metrics_path} not found; is {rd.path} a proxrl run directory?")

@@ -18,13 +18,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from proxrl.control.mlp_grad import mlp_activation
+
 __all__ = ["ActorCritic", "NumpyPolicy"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str, head_gain: float) -> nn.Sequential:
-    act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+    acts = {"tanh": nn.Tanh, "relu": nn.ReLU}
+    if activation not in acts:
+        raise ValueError(f"activation={activation!r}: use 'tanh' or 'relu'")
+    act = acts[activation]
     layers: list[nn.Module] = []
     prev = in_dim
     for width in hidden:
@@ -95,8 +100,7 @@ class ActorCritic(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``(log pi(a|s), H[pi(.|s)])``, each ``(N,)``, from the actor's output ``out`` ``(N, n)`` / ``(N, d)``.
 
-        ``log_std`` ``(d,)`` for Gaussian policies (None for categorical ones). Used by :meth:`evaluate`
-        and, on leaf tensors of the network outputs, by the manual backward of :mod:`.mlp_grad`.
+        ``log_std`` ``(d,)`` for Gaussian policies (None for categorical ones). Used by :meth:`evaluate`.
         """
         if self.discrete:
             logp_all = out.log_softmax(-1)
@@ -125,17 +129,23 @@ class NumpyPolicy:
     """The same actor-critic evaluated with numpy, for rollouts: both MLPs fused into one.
 
     Stepping 8 envs means batches of 8 observations, where per-call overhead dominates: a numpy forward
-    costs ~5x less than the torch module call, and running actor and critic as one MLP of twice the width
-    (first layers stacked, later layers block-diagonal: the zero blocks add exact zeros) halves the number
-    of numpy calls again. The fused weights are a *copy* of the current parameters: build a new
+    costs several times less than the torch module call, and running actor and critic as one MLP of twice
+    the width (first layers stacked, later layers block-diagonal: the zero blocks add exact zeros) halves
+    the number of numpy calls again. The fused weights are a *copy* of the current parameters: build a new
     ``NumpyPolicy`` after each update (:meth:`Collector.collect <proxrl.control.rollout.Collector.collect>`
-    does). Values agree with :meth:`ActorCritic.act` up to float32 rounding. Sampling uses a numpy
-    ``Generator``: categorical by inverse CDF (``a = #{k : u > cdf_k}``), Gaussian as ``mu + sigma * eps``.
+    does). Log-probabilities and values agree with :meth:`ActorCritic.act` up to float32 rounding.
+    Sampling uses a numpy ``Generator``: categorical by inverse CDF (``a = #{k : u > cdf_k}``), Gaussian as
+    ``mu + sigma * eps``. ValueError for a policy whose MLPs have a layer other than Linear/Tanh/ReLU.
     """
 
     def __init__(self, policy: ActorCritic) -> None:
+        activation = mlp_activation(policy.actor)  # ValueError on an unsupported layer
+        critic_activation = mlp_activation(policy.critic)
         actor = [m for m in policy.actor if isinstance(m, nn.Linear)]
         critic = [m for m in policy.critic if isinstance(m, nn.Linear)]
+        if len(actor) != len(critic) or (len(actor) > 1 and activation != critic_activation):
+            raise ValueError("NumpyPolicy fuses actor and critic into one MLP: both need the same depth and activation")
+        relu = activation == "relu"
         self.layers: list[tuple[np.ndarray, np.ndarray]] = []  # (W^T, b) of the fused MLP
         for i, (a, c) in enumerate(zip(actor, critic)):
             wa, wc = a.weight.detach().numpy(), c.weight.detach().numpy()
@@ -148,8 +158,7 @@ class NumpyPolicy:
             b = np.concatenate([a.bias.detach().numpy(), c.bias.detach().numpy()])
             self.layers.append((np.ascontiguousarray(w.T), b))
         self.n_out = actor[-1].out_features  # fused output: [actor output (n_out), value (1)]
-        act = next((m for m in policy.actor if not isinstance(m, nn.Linear)), None)
-        self._act = np.tanh if act is None or isinstance(act, nn.Tanh) else (lambda h: np.maximum(h, 0.0))
+        self._act = (lambda h: np.maximum(h, 0.0)) if relu else np.tanh
         self.discrete = policy.discrete
         if not self.discrete:
             self.log_std = policy.log_std.detach().numpy().copy()

@@ -6,39 +6,71 @@
    ratio-clipped surrogate (:func:`proxrl.core.policy_loss`), optionally clipped value loss
    (:func:`proxrl.core.value_loss`), entropy bonus;
    ``loss = policy_loss - entropy_coef * entropy + value_coef * value_loss``; one Adam step with the global
-   gradient norm clipped to ``max_grad_norm``.
-3. Target-KL early stop (SB3's rule): before each minibatch's gradient step, if the k3 estimate of
-   ``KL(pi_old || pi)`` averaged over that minibatch exceeds ``1.5 * target_kl``, the step is skipped and
-   the whole epoch loop stops. ``early_stop_epoch`` reports the (1-based) epoch in which it stopped, or
+   gradient norm clipped to ``max_grad_norm`` (``None``: not clipped).
+3. Target-KL early stop (:func:`proxrl.core.kl_early_stop`): once a minibatch's loss is computed, if the
+   k3 estimate of ``KL(pi_old || pi)`` on it exceeds ``target_kl``, its gradient step and the remaining
+   minibatches and epochs are skipped (SB3's placement, CleanRL's threshold). ``early_stop_epoch`` reports the (1-based) epoch in which it stopped, or
    ``epochs`` when it ran them all.
 
 NEXT_STEP reset steps (``rollout.valid == False``) are not transitions of the MDP: they are dropped from the
 batch before the epochs, so each epoch splits the ``B' <= num_envs * rollout_steps`` real transitions into
-``num_minibatches`` near-equal random minibatches and no loss needs a mask. With ``num_minibatches == 1``
-the minibatch is the whole batch, unshuffled (every loss term is a mean, so the order is irrelevant).
+``min(num_minibatches, B')`` near-equal random minibatches (sizes differ by at most one) and no loss needs
+a mask. With ``num_minibatches == 1`` the minibatch is the whole batch, unshuffled (every loss term is a
+mean, so the order is irrelevant).
 
-:func:`ppo_loss` (built from :mod:`proxrl.core`) is the specification of the minibatch loss. For speed the
-default backend computes the same loss and its exact gradient in numpy (:mod:`.ppo_grad`: closed-form
-derivative of the loss w.r.t. the network outputs, then the MLPs' chain rule by hand in :mod:`.mlp_grad`);
-``tests/test_control_mlp_grad.py`` checks it against autograd on :func:`ppo_loss` to float64 precision.
+:func:`ppo_loss` (built from :mod:`proxrl.core`) is the specification of the minibatch loss. Two gradient
+backends compute it (``ControlConfig.grad_backend``, resolved by :func:`resolve_grad_backend`):
+
+* ``"autograd"`` (:class:`TorchPPOGradient`): :func:`ppo_loss` on ``policy.evaluate(obs, actions)`` and
+  ``loss.backward()``. Runs any policy module with that method (the reference).
+* ``"numpy"`` (:class:`~proxrl.control.ppo_grad.NumpyPPOGradient`): the same loss and its exact gradient in
+  closed form, and the MLPs' chain rule by hand (:mod:`.mlp_grad`); proxrl's MLP ``ActorCritic`` only, and
+  several times faster on small MLPs (figures: benchmarks/README.md).
+
+``tests/test_control_mlp_grad.py`` checks that both give the same gradients and updates (float64).
+
+Every minibatch's loss terms and gradient, and the weights after the update, must be finite: the first
+NaN or infinity raises :class:`~proxrl.runs.finite.NonFiniteError` naming it and where (``where``, epoch,
+minibatch), before the optimizer step that would spread it.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from proxrl.control.adam import FlatAdam, clip_grad_norm
+from proxrl.control.adam import FlatAdam, clip_grad_norm, grad_norm
 from proxrl.control.config import ControlConfig
-from proxrl.control.mlp_grad import AutogradActorCritic, ManualActorCritic
-from proxrl.control.ppo_grad import STAT_NAMES, NumpyPPOGradient
-from proxrl.control.policy import ActorCritic
+from proxrl.control.ppo_grad import STAT_NAMES, NumpyPPOGradient, numpy_unsupported
 from proxrl.control.rollout import Rollout
-from proxrl.core import explained_variance, gae, normalize, policy_loss, value_loss
+from proxrl.core import explained_variance, gae, kl_early_stop, normalize, policy_loss, value_loss
+from proxrl.errors import UserError
+from proxrl.runs.finite import check_finite
 
-__all__ = ["ppo_update", "ppo_loss", "compute_advantages", "TorchPPOGradient", "BACKENDS"]
+__all__ = ["ppo_update", "ppo_loss", "compute_advantages", "resolve_grad_backend", "TorchPPOGradient", "BACKENDS"]
 
-BACKENDS = ("numpy", "numpy-mlp", "autograd")
+BACKENDS = ("numpy", "autograd")  # what resolve_grad_backend returns; ControlConfig.grad_backend adds "auto"
+
+
+def resolve_grad_backend(choice: str, policy: nn.Module) -> str:
+    """``"numpy"`` or ``"autograd"`` for ``policy`` from ``ControlConfig.grad_backend`` (``auto|numpy|autograd``).
+
+    ``auto`` takes numpy exactly when :func:`~proxrl.control.ppo_grad.numpy_unsupported` accepts the policy
+    (proxrl's MLP ``ActorCritic``), autograd otherwise; ``numpy`` for any other policy is a one-line
+    :class:`UserError` saying why.
+    """
+    if choice == "autograd":
+        return "autograd"
+    reason = numpy_unsupported(policy)
+    if choice == "numpy":
+        if reason is not None:
+            raise UserError(f"grad_backend='numpy' cannot train this policy: {reason}; use --grad-backend auto or autograd")
+        return "numpy"
+    if choice != "auto":
+        raise UserError(f"grad_backend={choice!r} must be one of auto, numpy, autograd")
+    return "numpy" if reason is None else "autograd"
 
 
 def compute_advantages(rollout: Rollout, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -65,12 +97,12 @@ def ppo_loss(
     """The PPO objective of one minibatch (all inputs ``(M,)``), as a loss to minimise (the specification).
 
     ``loss = policy_loss - entropy_coef * mean(entropy) + value_coef * value_loss`` with advantages
-    normalised per minibatch when ``norm_adv``; returns ``(loss, stats)``, stats the detached 0-d terms
+    normalised per minibatch when ``normalize_advantages``; returns ``(loss, stats)``, stats the detached 0-d terms
     named in :data:`~proxrl.control.ppo_grad.STAT_NAMES`.
     """
-    adv = normalize(advantages) if cfg.norm_adv else advantages
+    adv = normalize(advantages) if cfg.normalize_advantages else advantages
     pg_loss, info = policy_loss(logprobs, old_logprobs, adv, clip_coef)
-    v_loss = value_loss(values, old_values, returns, cfg.clip_value_coef)
+    v_loss = value_loss(values, old_values, returns, cfg.value_clip_coef)
     ent = entropy.mean()
     loss = pg_loss + cfg.value_coef * v_loss
     if cfg.entropy_coef > 0:
@@ -81,53 +113,55 @@ def ppo_loss(
 
 
 class TorchPPOGradient:
-    """:func:`ppo_loss` on the policy's outputs, gradient by autograd, written into the flat gradient.
+    """:func:`ppo_loss` on ``policy.evaluate(obs, actions)``, gradient by ``loss.backward()`` into the flat gradient.
 
-    ``manual_mlp=False``: the ``nn`` modules and ``loss.backward()`` (the reference). ``manual_mlp=True``:
-    numpy MLPs whose outputs are autograd leaves, autograd on the loss graph only, then the hand-written
-    backward of :mod:`.mlp_grad`. Same call signature and result as
-    :class:`~proxrl.control.ppo_grad.NumpyPPOGradient` (with tensors instead of arrays).
+    Works for any ``nn.Module`` policy with ``evaluate(obs, actions, with_grad_entropy) -> (logprob, entropy,
+    value)``, each ``(M,)``, whose parameters live in ``flat_param`` (:func:`~proxrl.control.flat_params.
+    flatten_parameters`). Same call signature and result as :class:`~proxrl.control.ppo_grad.NumpyPPOGradient`
+    (with tensors instead of arrays).
     """
 
-    def __init__(self, policy: ActorCritic, flat_param: torch.nn.Parameter, cfg: ControlConfig, clip_coef: float,
-                 manual_mlp: bool = False) -> None:
+    def __init__(self, policy: nn.Module, flat_param: torch.nn.Parameter, cfg: ControlConfig, clip_coef: float) -> None:
         self.policy = policy
+        self.flat_param = flat_param
         self.cfg = cfg
         self.clip_coef = clip_coef
-        self.nets = ManualActorCritic(policy) if manual_mlp else AutogradActorCritic(policy, flat_param)
 
     def __call__(self, obs: Tensor, actions: Tensor, old_logprobs: Tensor, old_values: Tensor, advantages: Tensor,
                  returns: Tensor) -> np.ndarray:
-        out, values, log_std = self.nets.forward(obs)
-        logprobs, entropy = self.policy.log_prob_entropy(out, log_std, actions, self.cfg.entropy_coef > 0)
+        logprobs, entropy, values = self.policy.evaluate(obs, actions, self.cfg.entropy_coef > 0)
         loss, stats = ppo_loss(logprobs, entropy, values, old_logprobs, old_values, advantages, returns, self.cfg,
                                self.clip_coef)
-        self.nets.backward(loss)
+        self.flat_param.grad.zero_()
+        loss.backward()
         return torch.stack([stats[k] for k in STAT_NAMES]).double().numpy()
 
 
 def ppo_update(
-    policy: ActorCritic,
+    policy: nn.Module,
     optimizer: FlatAdam,
     flat_param: torch.nn.Parameter,
     rollout: Rollout,
     cfg: ControlConfig,
     clip_coef: float,
     generator: torch.Generator,
-    backend: str = "numpy",
+    backend: str | None = None,
+    where: str = "this update",
 ) -> dict[str, float]:
     """Run the PPO epochs on ``rollout``; returns the update's metrics (means over the minibatches run).
 
     ``flat_param`` is the single flat parameter the optimizer updates (see :mod:`.flat_params`); its
-    ``.grad`` holds every parameter's gradient. ``backend`` computes the minibatch loss and its gradient:
-    ``"numpy"`` in closed form (:mod:`.ppo_grad`, fastest), ``"numpy-mlp"`` with :func:`ppo_loss` on leaf
-    outputs of numpy MLPs, ``"autograd"`` with ``nn`` + autograd throughout (the reference). All three give
-    the same gradients up to float rounding (``tests/test_control_mlp_grad.py``).
+    ``.grad`` holds every parameter's gradient. ``backend``: ``"numpy"`` or ``"autograd"`` (see the module
+    docstring); None resolves ``cfg.grad_backend`` for ``policy`` (:func:`resolve_grad_backend`). Both give
+    the same gradients up to float rounding. ``where`` (e.g. ``"update 3 (env step 768)"``) starts the
+    position named by a :class:`~proxrl.runs.finite.NonFiniteError`.
     """
+    if backend is None:
+        backend = resolve_grad_backend(cfg.grad_backend, policy)
     # 1. GAE over the (T, N) rollout, then flatten to a batch of T * N transitions.
     advantages, returns = compute_advantages(rollout, cfg.gamma, cfg.gae_lambda)
     batch = (
-        rollout.obs.reshape(-1, rollout.obs.shape[-1]),
+        rollout.obs.reshape((-1,) + rollout.obs.shape[2:]),
         rollout.actions.reshape((-1,) + rollout.actions.shape[2:]),
         rollout.logprobs.reshape(-1),
         rollout.values.reshape(-1),
@@ -142,40 +176,47 @@ def ppo_update(
     if backend == "numpy":
         loss_and_grad = NumpyPPOGradient(policy, cfg, clip_coef)
         batch = tuple(t.numpy() for t in batch)
-    elif backend in ("numpy-mlp", "autograd"):
-        loss_and_grad = TorchPPOGradient(policy, flat_param, cfg, clip_coef, manual_mlp=backend == "numpy-mlp")
+    elif backend == "autograd":
+        loss_and_grad = TorchPPOGradient(policy, flat_param, cfg, clip_coef)
     else:
         raise ValueError(f"backend={backend!r}; use one of {BACKENDS}")
+    grad = flat_param.grad
+    n_splits = min(cfg.num_minibatches, n_real)
 
     # 2. Epochs of minibatch SGD on the clipped surrogate.
     sums = np.zeros(len(STAT_NAMES))
     n_minibatches = 0
     early_stop_epoch = cfg.epochs
-    for epoch in range(cfg.epochs):
-        if cfg.num_minibatches == 1:  # the whole batch; the loss is a mean, so the order of samples is irrelevant
+    for epoch in range(cfg.epochs if n_real else 0):  # no real transition (all reset steps): nothing to learn
+        if n_splits <= 1:  # the whole batch; the loss is a mean, so the order of samples is irrelevant
             minibatches = [slice(None)]
         else:
-            minibatches = torch.randperm(n_real, generator=generator).tensor_split(cfg.num_minibatches)
+            minibatches = torch.randperm(n_real, generator=generator).tensor_split(n_splits)
         stop = False
-        for idx in minibatches:
+        for k, idx in enumerate(minibatches):
             if backend == "numpy" and isinstance(idx, Tensor):
                 idx = idx.numpy()
             # loss = policy_loss - entropy_coef * entropy + value_coef * value_loss; gradient into flat_param.grad
             stats = loss_and_grad(*(t[idx] for t in batch))
+            if not math.isfinite(stats.sum()):  # one sum for the common case; check_finite names the term
+                for name, value in zip(STAT_NAMES, stats):
+                    check_finite(name, float(value), f"{where}, epoch {epoch + 1}, minibatch {k + 1}")
 
             # 3. Target-KL early stop: no step on a minibatch whose KL(pi_old || pi) is already too large.
-            if cfg.target_kl is not None and stats[STAT_NAMES.index("approx_kl")] > 1.5 * cfg.target_kl:
+            if kl_early_stop(stats[STAT_NAMES.index("approx_kl")], cfg.target_kl):
                 early_stop_epoch = epoch + 1
                 stop = True
                 break
 
-            if cfg.max_grad_norm > 0:
-                clip_grad_norm(flat_param.grad, cfg.max_grad_norm)
+            norm = grad_norm(grad) if cfg.max_grad_norm is None else clip_grad_norm(grad, cfg.max_grad_norm)
+            if not math.isfinite(norm):
+                check_finite("gradient", grad, f"{where}, epoch {epoch + 1}, minibatch {k + 1}")
             optimizer.step()
             n_minibatches += 1
             sums += stats
         if stop:
             break
+    check_finite("weight", flat_param, f"{where}, after the optimizer steps")
 
     means = (sums / n_minibatches).tolist() if n_minibatches else [float("nan")] * len(STAT_NAMES)
     metrics = dict(zip(STAT_NAMES, means))

@@ -2,10 +2,11 @@
 
 Computes what :func:`proxrl.control.ppo.ppo_loss` computes with :mod:`proxrl.core` (the specification),
 then its gradient with respect to the network outputs by the formulas below, then through the MLPs with
-:class:`~proxrl.control.mlp_grad.NumpyMLP`. Measured on CartPole (minibatch 256, 64x64 tanh MLPs) the loss
-graph alone costs more with torch + autograd (~30 tiny ops and ~20 backward nodes, each a few
-microseconds of dispatch) than both MLPs' forward and backward; here it is ~40 numpy ops on 256 numbers.
+:class:`~proxrl.control.mlp_grad.NumpyMLP`. On CartPole-sized batches the loss graph alone costs more with
+torch + autograd (~30 tiny ops and ~20 backward nodes, each paying a per-op dispatch) than both MLPs'
+forward and backward; here it is ~40 numpy ops on the minibatch (figures: benchmarks/README.md).
 ``tests/test_control_mlp_grad.py`` checks loss terms and gradients against the autograd reference (float64).
+It runs only proxrl's MLP :class:`~proxrl.control.policy.ActorCritic` (:func:`numpy_unsupported`).
 
 Notation: minibatch of ``M`` transitions, ``A`` the (normalised) advantages, ``r = exp(logp - logp_old)``::
 
@@ -33,14 +34,33 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from torch import nn
+
 from proxrl.control.config import ControlConfig
-from proxrl.control.mlp_grad import NumpyMLP
+from proxrl.control.mlp_grad import NumpyMLP, mlp_activation
 from proxrl.control.policy import ActorCritic
 
-__all__ = ["NumpyPPOGradient", "STAT_NAMES"]
+__all__ = ["NumpyPPOGradient", "STAT_NAMES", "numpy_unsupported"]
 
 STAT_NAMES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def numpy_unsupported(policy: nn.Module) -> str | None:
+    """Why :class:`NumpyPPOGradient` cannot run ``policy`` (one line), or None when it can.
+
+    It runs exactly :class:`~proxrl.control.policy.ActorCritic` (not a subclass, which may change the outputs
+    or the loss) whose ``actor`` and ``critic`` are MLPs :func:`~proxrl.control.mlp_grad.mlp_activation`
+    accepts; anything else (a CNN, a custom policy) needs the autograd backend.
+    """
+    if type(policy) is not ActorCritic:
+        return f"the policy is a {type(policy).__name__}; the numpy gradient supports only proxrl's MLP ActorCritic"
+    for name in ("actor", "critic"):
+        try:
+            mlp_activation(getattr(policy, name))
+        except ValueError as e:
+            return f"its {name}: {e}"
+    return None
 
 
 def _min_weight(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -60,16 +80,19 @@ class NumpyPPOGradient:
     """
 
     def __init__(self, policy: ActorCritic, cfg: ControlConfig, clip_coef: float) -> None:
+        reason = numpy_unsupported(policy)
+        if reason is not None:
+            raise ValueError(f"NumpyPPOGradient cannot run this policy: {reason}")
         self.actor = NumpyMLP(policy.actor)
         self.critic = NumpyMLP(policy.critic)
         self.discrete = policy.discrete
         if not self.discrete:
             self.log_std = policy.log_std.detach().numpy()
             self.log_std_grad = policy.log_std.grad.numpy()
-        self.norm_adv = cfg.norm_adv
+        self.normalize_advantages = cfg.normalize_advantages
         self.value_coef = cfg.value_coef
         self.entropy_coef = cfg.entropy_coef
-        self.clip_value_coef = cfg.clip_value_coef
+        self.value_clip_coef = cfg.value_clip_coef
         self.clip_coef = clip_coef
 
     def __call__(
@@ -103,7 +126,7 @@ class NumpyPPOGradient:
 
         # clipped surrogate (core.policy_loss) and its gradient w.r.t. logp
         adv = advantages
-        if self.norm_adv:  # core.normalize: (A - mean) / (unbiased std + 1e-8)
+        if self.normalize_advantages:  # core.normalize: (A - mean) / (unbiased std + 1e-8)
             adv = adv - adv.sum() / m
             adv /= np.sqrt(adv @ adv / max(m - 1, 1)) + 1e-8
         log_ratio = logp - old_logprobs
@@ -118,11 +141,11 @@ class NumpyPPOGradient:
 
         # value loss (core.value_loss) and its gradient w.r.t. V
         diff = values - returns
-        if self.clip_value_coef is None:
+        if self.value_clip_coef is None:
             per_entry = diff * diff
             g_values = diff
         else:
-            c = self.clip_value_coef
+            c = self.value_clip_coef
             delta = values - old_values
             diff_clipped = old_values + np.clip(delta, -c, c) - returns
             sq, sq_clipped = diff * diff, diff_clipped * diff_clipped

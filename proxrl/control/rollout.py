@@ -9,8 +9,8 @@ Layout (``T = rollout_steps``, ``N = num_envs``), all tensors allocated once and
   clipped only in the copy sent to the env), ``logprobs[t]``, ``values[t] = V(obs[t])`` ``(T+1, N)``.
 * ``rewards[t]``, ``terminated[t]``, ``truncated[t]``: the env's answer to that action (rewards scaled when
   ``norm_reward``).
-* ``valid[t]``: False for a NEXT_STEP *reset step* (the env ignored the action and only reset); such
-  entries are masked out of every loss.
+* ``valid[t]``: False for a NEXT_STEP *reset step* (the env ignored the action and only reset); the
+  update drops such entries from the batch before computing any loss (:func:`proxrl.control.ppo.ppo_update`).
 
 In NEXT_STEP mode the observation returned on a done step is the true final observation, so the bootstrap
 value of step ``t`` is simply ``next_values[t] = values[t + 1]`` -- for truncation this is
@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from proxrl.control.envs import SpaceInfo
+from proxrl.control.envs import SpaceInfo, env_call, env_error
 from proxrl.control.policy import ActorCritic, NumpyPolicy
 from proxrl.control.running_stats import ObsNormalizer, RewardScaler
+from proxrl.errors import UserError
+from proxrl.runs.finite import check_finite, first_non_finite
 
 __all__ = ["Rollout", "Collector"]
 
@@ -50,7 +52,11 @@ class Rollout:
 
 
 class Collector:
-    """Steps ``venv`` with a policy and fills the rollout buffers."""
+    """Steps ``venv`` with a policy and fills the rollout buffers.
+
+    ``env_id`` names the env in errors: an exception raised by its ``step``/``reset`` becomes a one-line
+    :class:`~proxrl.errors.UserCodeError`.
+    """
 
     def __init__(
         self,
@@ -60,8 +66,10 @@ class Collector:
         obs_norm: ObsNormalizer,
         reward_scaler: RewardScaler,
         rng: np.random.Generator,
+        env_id: str = "env",
     ) -> None:
         self.venv = venv
+        self.env_id = env_id
         self.info = info
         self.T = rollout_steps
         self.N = n = venv.num_envs
@@ -96,7 +104,7 @@ class Collector:
 
     def reset(self, seed: int) -> None:
         """Reset all envs with ``seed`` (sub-env ``i`` gets ``seed + i`` in sync/async mode); drop partial episodes."""
-        obs, _ = self.venv.reset(seed=seed)
+        obs, _ = env_call(self.env_id, "reset", self.venv.reset, seed=seed)
         self.obs_norm(obs, self._obs_np[0], update=True)
         self._prev_done[:] = False
         self._ep_return[:] = 0.0
@@ -121,7 +129,12 @@ class Collector:
             action, logp_np[t], val_np[t] = fast.act(obs_np[t], rng)
             act_np[t] = action
             env_action = action if clip_low is None else np.minimum(np.maximum(action, clip_low), clip_high)
-            next_obs, reward, terminated, truncated, _ = venv.step(env_action)
+            try:
+                next_obs, reward, terminated, truncated, _ = venv.step(env_action)
+            except UserError:
+                raise
+            except Exception as e:  # the env's own code failed
+                raise env_error(self.env_id, "step", e) from e
             valid = ~prev_done
             valid_np[t] = valid
             term_np[t] = terminated
@@ -152,3 +165,24 @@ class Collector:
             episode_returns=ep_returns,
             episode_lengths=ep_lengths,
         )
+
+    def check_finite(self, first_step: int, where: str) -> None:
+        """:class:`~proxrl.runs.finite.NonFiniteError` if the last rollout holds a NaN/inf observation (as fed
+        to the policy, i.e. after normalisation) or reward, or the normalisers' statistics went non-finite.
+
+        ``first_step``: the env-step count before the rollout, to name the env step that returned the bad
+        value; ``where``: e.g. ``"update 3"``.
+        """
+        n = self.N
+        # obs[t] was returned by vector step t - 1 (obs[0] by the reset or the previous rollout), rewards[t] by step t
+        for name, buffer, offset in (("observation", self._obs_np, 0), ("reward", self._rew_np, 1)):
+            found = first_non_finite(buffer)
+            if found is not None:
+                (t, i, *_), value = found
+                step = first_step + (t + offset) * n
+                check_finite(name, value, f"{where}, env step {step} (env {i} of {n}), as returned by the env "
+                                          "or after normalisation")
+        for name, scaler in (("observation normaliser", self.obs_norm), ("reward scaler", self.reward_scaler)):
+            if scaler.enabled:
+                check_finite(f"{name} variance", scaler.rms.var, f"{where} (a NaN or infinite observation/reward)")
+

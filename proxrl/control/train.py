@@ -12,6 +12,11 @@ Reproducibility and exact resume:
   With the default ``checkpoint_every`` this cuts at most one episode per env every ``checkpoint_every /
   num_envs`` steps. Resuming from a checkpoint therefore replays exactly what the uninterrupted run did.
 * ``train_seconds`` counts rollouts, updates and logging only; evaluation and checkpoint writing are excluded.
+* A resume may change only ``ControlConfig.resumable_fields`` (budget, evaluation, checkpointing, logging);
+  config.yaml is rewritten only once the checkpoint has been loaded and checked against the config.
+* The first NaN or infinity in an observation, reward, loss term, gradient or weight stops the run with a
+  one-line :class:`~proxrl.runs.finite.NonFiniteError` naming it, the update and the env step, before the
+  next checkpoint: the newest checkpoint is the last good one.
 """
 from __future__ import annotations
 
@@ -28,30 +33,32 @@ import torch
 
 from proxrl.config import from_dict, to_dict
 from proxrl.control.adam import FlatAdam
-from proxrl.control.checkpointing import build_policy, pack, restore
+from proxrl.control.checkpointing import build_policy, check_checkpoint, pack, restore
 from proxrl.control.config import ControlConfig, sizes
 from proxrl.control.envs import EnvFactory, derive_seed, make_vector_env
-from proxrl.control.evaluate import Evaluator
+from proxrl.control.evaluate import Evaluator, eval_seed
 from proxrl.control.flat_params import flatten_parameters
-from proxrl.control.ppo import ppo_update
+from proxrl.control.ppo import ppo_update, resolve_grad_backend
 from proxrl.control.rollout import Collector
 from proxrl.control.running_stats import ObsNormalizer, RewardScaler
 from proxrl.core import constant_schedule, linear_schedule
 from proxrl.errors import UserError
-from proxrl.runs import MetricsLogger, RunDir, checkpoint_dir, latest_checkpoint, load_checkpoint, progress_bar, save_checkpoint
+from proxrl.runs import (
+    MetricsLogger,
+    RunDir,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    progress_bar,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from proxrl.runs.finite import NonFiniteError, check_finite
 
-__all__ = ["train", "RESUMABLE_CHANGES"]
+__all__ = ["train"]
 
-# Fields that may differ between the saved config and the one passed when resuming.
-RESUMABLE_CHANGES = ("total_steps", "eval_every", "eval_episodes", "checkpoint_every", "threads", "tensorboard",
-                     "vector_mode", "target_return")
-
-SAMPLING_STREAM, TRAIN_ENV_STREAM, EVAL_ENV_STREAM, MINIBATCH_STREAM = 1, 2, 3, 4
-
-
-def eval_seed(seed: int) -> int:
-    """Seed of the evaluation envs of a run with ``seed`` (also the default of ``evaluate_run``)."""
-    return derive_seed(seed, EVAL_ENV_STREAM)
+# derive_seed streams of the run's random numbers (evaluation: proxrl.control.evaluate.EVAL_ENV_STREAM = 3)
+SAMPLING_STREAM, TRAIN_ENV_STREAM, MINIBATCH_STREAM = 1, 2, 4
 
 
 def _schedule(kind: str, initial: float):
@@ -63,6 +70,8 @@ def _crossed(step: int, prev: int, every: int) -> bool:
 
 
 def _resolve_config(rd: RunDir, cfg: ControlConfig | None, resume: bool) -> ControlConfig:
+    """The run's config: ``cfg`` for a new run; for a resume, the saved config.yaml, or ``cfg`` if it differs
+    from it only in ``ControlConfig.resumable_fields`` (one-line UserError naming the first other field)."""
     if not resume:
         if cfg is None:
             raise UserError("train needs a config unless resuming")
@@ -72,17 +81,52 @@ def _resolve_config(rd: RunDir, cfg: ControlConfig | None, resume: bool) -> Cont
     saved = from_dict(ControlConfig, rd.read_config(), source=str(rd.config_path))
     if cfg is None:
         return saved
-    changed = [
-        f"{f.name} ({getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r})"
-        for f in dataclasses.fields(ControlConfig)
-        if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(cfg, f.name)
-    ]
-    if changed:
-        raise UserError(
-            f"cannot resume {rd.path} with a different config: {', '.join(changed)}; "
-            f"only {', '.join(RESUMABLE_CHANGES)} may change"
-        )
+    for f in dataclasses.fields(ControlConfig):
+        if f.name not in ControlConfig.resumable_fields and getattr(saved, f.name) != getattr(cfg, f.name):
+            raise UserError(
+                f"cannot resume {rd.path} with {f.name}={getattr(cfg, f.name)!r} (the run was started with "
+                f"{getattr(saved, f.name)!r}); a resume may change only {', '.join(sorted(ControlConfig.resumable_fields))}"
+            )
     return cfg
+
+
+def _restore_checkpoint(
+    ckpt: Path,
+    rd: RunDir,
+    cfg: ControlConfig,
+    info: Any,
+    policy: torch.nn.Module,
+    optimizer: FlatAdam,
+    obs_norm: ObsNormalizer,
+    reward_scaler: RewardScaler,
+    generator: torch.Generator,
+    action_rng: np.random.Generator,
+    counters: dict[str, Any],
+) -> dict[str, Any]:
+    """Load ``ckpt`` into the freshly built objects after checking it fits them and ``cfg``; returns its state.
+
+    One-line UserError for a state.json or tensor that is missing or malformed, a config that differs from the
+    checkpoint's in a field a resume may not change, and a ``total_steps`` below the steps already done.
+    """
+    tensors, state = load_checkpoint(ckpt)
+    expected, _ = pack(cfg, info, policy, optimizer, obs_norm, reward_scaler, generator, action_rng, counters)
+    expected = {k: v for k, v in expected.items() if not k.startswith("rng.torch_cuda")}  # present only if CUDA ran
+    check_checkpoint(ckpt, tensors, state, expected, cfg, str(rd.config_path))
+    done = state["global_step"]
+    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+        raise UserError(f"checkpoint {ckpt}: state.json has global_step={done!r}, not a step count; delete it to use "
+                        "an earlier checkpoint")
+    if cfg.total_steps < done:
+        raise UserError(f"total_steps={cfg.total_steps} is below the {done} env steps {rd.path} has already done; "
+                        f"give --total-steps {done} or more")
+    try:
+        restore(tensors, state, policy, optimizer, obs_norm, reward_scaler, generator, action_rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint {ckpt} cannot be restored ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                        "delete it to use an earlier checkpoint, or start the run again") from e
+    for name, param in policy.named_parameters():
+        check_finite(f"weight {name}", param, f"checkpoint {ckpt}")
+    return state
 
 
 def train(
@@ -112,7 +156,6 @@ def _train(
     rd = RunDir(run_dir)
     cfg = _resolve_config(rd, cfg, resume)
     rd.create(exist_ok=resume)
-    rd.write_config(to_dict(cfg))
     sz = sizes(cfg)
     torch.set_num_threads(cfg.threads)
 
@@ -130,11 +173,12 @@ def _train(
     bar = None
     try:
         policy = build_policy(cfg, info)
+        backend = resolve_grad_backend(cfg.grad_backend, policy)
         flat_param = flatten_parameters(policy)  # one tensor for Adam, clipping and zeroing (speed)
         optimizer = FlatAdam(flat_param, lr=cfg.learning_rate, eps=1e-5)
         obs_norm = ObsNormalizer(info.obs_dim, cfg.norm_obs, cfg.obs_clip)
         reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.norm_reward, cfg.reward_clip)
-        collector = Collector(venv, info, cfg.rollout_steps, obs_norm, reward_scaler, action_rng)
+        collector = Collector(venv, info, cfg.rollout_steps, obs_norm, reward_scaler, action_rng, env_id=cfg.env_id)
         lr_at = _schedule(cfg.lr_schedule, cfg.learning_rate)
         clip_at = _schedule(cfg.clip_schedule, cfg.clip_coef)
 
@@ -144,11 +188,12 @@ def _train(
         if resume:
             ckpt = latest_checkpoint(rd.path)
             if ckpt is not None:
-                tensors, state = load_checkpoint(ckpt)
-                restore(tensors, state, policy, optimizer, obs_norm, reward_scaler, generator, action_rng)
-                counters = {k: state.get(k, v) for k, v in counters.items()}
-                last_row = dict(state.get("last_row", {}))
+                state = _restore_checkpoint(ckpt, rd, cfg, info, policy, optimizer, obs_norm, reward_scaler,
+                                            generator, action_rng, counters)
+                counters = {k: state[k] for k in counters}
+                last_row = dict(state.get("last_row") or {})
                 resume_step = counters["global_step"]
+        rd.write_config(to_dict(cfg))  # only now: a resume that fails above leaves config.yaml as it was
         logger = MetricsLogger(rd.path, tensorboard=cfg.tensorboard, resume_from_step=resume_step)
         collector.reset(derive_seed(cfg.seed, TRAIN_ENV_STREAM, counters["env_epoch"]))
 
@@ -168,11 +213,18 @@ def _train(
             clip_coef = clip_at(frac_done)
             optimizer.lr = lr
 
-            rollout = collector.collect(policy)
             prev_step = counters["global_step"]
-            counters["global_step"] += sz.batch_size
-            step = counters["global_step"]
-            metrics = ppo_update(policy, optimizer, flat_param, rollout, cfg, clip_coef, generator)
+            step = prev_step + sz.batch_size
+            try:
+                rollout = collector.collect(policy)
+                collector.check_finite(prev_step, f"update {update}")
+                metrics = ppo_update(policy, optimizer, flat_param, rollout, cfg, clip_coef, generator, backend,
+                                     where=f"update {update} (env step {step})")
+            except NonFiniteError as e:
+                kept = latest_checkpoint(rd.path)
+                raise NonFiniteError(f"{e}; training stopped, " + (
+                    f"the last good checkpoint is {kept}" if kept else "before its first checkpoint")) from e
+            counters["global_step"] = step
 
             recent.extend(rollout.episode_returns)
             row: dict[str, Any] = {
@@ -222,6 +274,7 @@ def _train(
                 tensors, state = pack(cfg, info, policy, optimizer, obs_norm, reward_scaler, generator, action_rng, counters)
                 state["last_row"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
                 save_checkpoint(checkpoint_dir(rd.path, step), tensors, state)
+                prune_checkpoints(rd.path, cfg.keep_checkpoints)
                 if not final:
                     # Re-seed at the boundary so that a run resumed from this checkpoint continues identically.
                     collector.reset(derive_seed(cfg.seed, TRAIN_ENV_STREAM, counters["env_epoch"]))

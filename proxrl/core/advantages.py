@@ -191,7 +191,11 @@ def group_advantages(scores: Tensor, group_size: int, normalize_std: bool = True
 
     over the ``group_size`` completions ``g`` of the same prompt. ``std`` is unbiased (``torch.std``, as in
     TRL's GRPOTrainer); ``normalize_std=False`` drops the division (Dr. GRPO, Liu et al. 2025).
-    eps = 1e-6 guards groups whose scores are all equal (they get advantage 0). ``group_size=1`` gives zeros.
+    eps guards groups whose scores are all equal (they get advantage 0). ``group_size=1`` gives zeros.
+
+    Epsilon: 1e-6 here, 1e-4 in TRL's GRPOTrainer. It only matters for groups whose scores barely differ: with a
+    std of 1e-3, TRL divides by 1.1e-3 and proxrl by 1.001e-3. The smaller value keeps the advantages of
+    low-variance groups close to the paper's formula (std alone); pass ``eps=1e-4`` to match TRL exactly.
 
     Args:
         scores: (B,) one scalar score per completion; groups are contiguous:
@@ -216,6 +220,12 @@ def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
 
     The baseline for each sample is the mean score of the other G-1 samples of the same prompt, so it is
     independent of sample i and the estimator stays unbiased.
+
+    No epsilon here: this is a difference, not a ratio. When ``normalize_advantages`` is on, ``proxrl.lm``
+    then whitens these advantages over the rollout with :func:`normalize` and its eps = 1e-8 (as CleanRL and
+    ``baselines`` for PPO), where TRL's RLOOTrainer adds 1e-4 to the std. The two agree unless the rollout's
+    advantages have a std near 1e-4 or below (nearly equal scores), where TRL's shrink towards 0 and proxrl's
+    keep unit scale; call ``normalize(a, eps=1e-4)`` to match TRL.
 
     Args:
         scores: (B,) with contiguous groups as in :func:`group_advantages`.
