@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 
 import gymnasium as gym
+import numpy as np
 from gymnasium import spaces
 
 from proxrl.control.atari import is_atari
@@ -54,9 +55,12 @@ def needs_flattening(space: spaces.Space) -> bool:
 
 
 def flatten_observations(env: gym.Env) -> gym.Env:
-    """``env`` with Dict/Tuple observations flattened to a 1-D float Box (unchanged otherwise)."""
+    """``env`` with Dict/Tuple observations flattened to a 1-D float32 Box (unchanged otherwise)."""
     if needs_flattening(env.observation_space):
-        return gym.wrappers.FlattenObservation(env)
+        flat = gym.wrappers.FlattenObservation(env)
+        box = flat.observation_space
+        space = spaces.Box(box.low.astype(np.float32), box.high.astype(np.float32), dtype=np.float32)
+        return gym.wrappers.TransformObservation(flat, lambda obs: obs.astype(np.float32), space)
     return env
 
 

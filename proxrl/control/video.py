@@ -118,7 +118,7 @@ def _write_gif(path: Path, frames: list[np.ndarray], fps: int) -> None:
     from PIL import Image
 
     images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=max(20, round(1000 / fps)), loop=0)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=max(20, 10 * round(100 / fps)), loop=0)  # GIF delays are in 1/100 s
 
 
 def record_episodes(
