@@ -15,7 +15,8 @@ Whole-batch statistics over all ranks
     :func:`masked_mean`, :func:`masked_var`, :func:`global_normalize`, :func:`explained_variance` equal the
     single-process :mod:`proxrl.core` functions on the concatenation of every rank's data (up to the order of
     float sums); :func:`mean_over_ranks` for logged metrics; :func:`all_ranks_agree_stop` for the target-KL
-    early stop; :func:`all_reduce_mean_` for the control fast path's flat gradient (tensor or numpy array).
+    early stop; :func:`all_reduce_mean_` for the control fast path's flat gradient (tensor or numpy array);
+    :func:`all_gather_cat` to give every rank the whole rollout.
 Work split
     :func:`shard_indices` (whole GRPO/RLOO groups stay on one rank), :func:`per_rank_seed`.
 Models
@@ -63,6 +64,8 @@ __all__ = [
     "all_reduce_sum",
     "all_reduce_mean",
     "all_reduce_mean_",
+    "all_reduce_max",
+    "all_gather_cat",
     "broadcast_object",
     "masked_mean",
     "masked_var",
@@ -345,21 +348,68 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     return out / n if n > 1 else out
 
 
-def all_reduce_mean_(flat: Tensor | np.ndarray) -> Tensor | np.ndarray:
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Element-wise maximum of ``x`` over all ranks (a new tensor), e.g. the longest response for padding."""
+    out = x.detach().clone()
+    if _check_group():
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+    return out
+
+
+def all_reduce_mean_(flat: Tensor | np.ndarray, weight: float | None = None) -> Tensor | np.ndarray:
     """Average ``flat`` over all ranks IN PLACE and return it; for the control fast path's flat gradient.
 
+    ``weight=None``: ``flat <- (1/N) sum_r flat_r`` (one all-reduce), right when every rank's gradient is the
+    mean over an equal share of the minibatch. With ``weight`` (the rank's sample count ``n_r`` behind its
+    mean gradient): ``flat <- sum_r n_r flat_r / sum_r n_r``, the gradient of the mean over the whole
+    minibatch when shares are unequal (two all-reduces, the second of one scalar).
+
     Accepts a contiguous torch tensor or numpy array (shared memory through ``torch.from_numpy``), any
-    float dtype. One all-reduce per call: call it once per optimizer step, after the local gradient of the
-    rank's share of the minibatch and before gradient clipping, so clipping sees the global gradient.
+    float dtype. Call it once per optimizer step, after the rank's local gradient and before gradient
+    clipping, so clipping and Adam see the global gradient.
     """
     if not _check_group():
         return flat
     t = torch.from_numpy(flat) if isinstance(flat, np.ndarray) else flat
     if not t.is_contiguous():
         raise ValueError("all_reduce_mean_ needs a contiguous tensor/array (it reduces in place)")
+    if weight is None:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        t.div_(torch.distributed.get_world_size())
+        return flat
+    t.mul_(float(weight))
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    t.div_(torch.distributed.get_world_size())
+    total = all_reduce_sum(torch.tensor([float(weight)], dtype=torch.float64))
+    t.div_(float(total[0]))
     return flat
+
+
+def all_gather_cat(x: Tensor) -> Tensor:
+    """Concatenate every rank's ``x`` along dim 0 in rank order (rank 0's rows first); ``x`` itself with one
+    process. Sizes along dim 0 may differ between ranks; the other dims and the dtype must match (pad e.g.
+    response tensors to :func:`all_reduce_max` of their length first). Bool tensors are supported.
+
+    Use it to give every rank the whole rollout after the expensive per-rank part (env steps, generation,
+    scoring), so that advantages and the minibatch order are computed exactly as one process would.
+    """
+    if not _check_group():
+        return x
+    world = torch.distributed.get_world_size()
+    src = x.detach().contiguous()
+    is_bool = src.dtype == torch.bool
+    if is_bool:
+        src = src.to(torch.uint8)
+    sizes = torch.zeros(world, dtype=torch.int64)
+    sizes[torch.distributed.get_rank()] = src.shape[0]
+    sizes = all_reduce_sum(sizes).tolist()
+    longest = max(sizes)
+    if src.shape[0] < longest:
+        pad = src.new_zeros((longest - src.shape[0],) + tuple(src.shape[1:]))
+        src = torch.cat([src, pad])
+    parts = [torch.empty_like(src) for _ in range(world)]
+    torch.distributed.all_gather(parts, src)
+    out = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    return out.bool() if is_bool else out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -111,6 +111,12 @@ def _stats_worker(rank: int, port: int, out_dir: str) -> None:
     res["mean"] = D.all_reduce_mean(t).tolist()
     res["t_unchanged"] = t.tolist()
     res["mean_int"] = D.all_reduce_mean(torch.tensor([rank + 1])).tolist()
+    wflat = torch.full((3,), 2.0 if rank == 0 else 5.0, dtype=torch.float64)
+    D.all_reduce_mean_(wflat, weight=1.0 if rank == 0 else 2.0)
+    res["weighted_flat"] = wflat.tolist()
+    res["max"] = D.all_reduce_max(torch.tensor([3, 9]) if rank == 0 else torch.tensor([7, 1])).tolist()
+    res["gather"] = D.all_gather_cat(d["x_clean"]).tolist()
+    res["gather_mask"] = D.all_gather_cat(d["mask"]).tolist()
     res["metrics_equal"] = D.mean_over_ranks({"a": float(rank), "b": 10.0 * (rank + 1)})
     res["metrics_weighted"] = D.mean_over_ranks({"ret": 100.0 if rank == 0 else 40.0,
                                                  "only1": float("nan") if rank == 0 else 7.0,
@@ -165,6 +171,11 @@ def test_collectives_vote_broadcast_and_flat_gradient(stats):
         assert r[rank]["mean"] == [0.0, 1.5, 3.0, 4.5]
         assert r[rank]["mean_int"] == [1.5]
         assert r[rank]["metrics_equal"] == {"a": 0.5, "b": 15.0}
+        assert r[rank]["weighted_flat"] == [4.0] * 3  # (1 * 2 + 2 * 5) / 3
+        assert r[rank]["max"] == [7, 9]
+        d = _data()
+        assert torch.equal(torch.tensor(r[rank]["gather"], dtype=torch.float64), d["x_clean"])  # 4 + 6 rows
+        assert torch.equal(torch.tensor(r[rank]["gather_mask"]), d["mask"])
         # (100 * 1 + 40 * 3) / 4 = 55; "only1" from rank 1 alone; "none" has no value anywhere
         mw = r[rank]["metrics_weighted"]
         assert mw["ret"] == 55.0 and mw["only1"] == 7.0 and np.isnan(mw["none"])
@@ -462,6 +473,8 @@ def test_one_process_needs_no_process_group():
     assert D.broadcast_object([1, "a"]) == [1, "a"]
     g = np.array([1.0, 2.0])
     assert D.all_reduce_mean_(g) is g and g.tolist() == [1.0, 2.0]
+    assert D.all_reduce_mean_(g, weight=3.0) is g and g.tolist() == [1.0, 2.0]
+    assert D.all_gather_cat(x) is x and torch.equal(D.all_reduce_max(x), x)
     assert D.mean_over_ranks({"a": 2.0}) == {"a": 2.0}
     D.barrier()
     D.shutdown()
