@@ -384,22 +384,26 @@ def all_reduce_mean_(flat: Tensor | np.ndarray, weight: float | None = None) -> 
     return flat
 
 
-def all_gather_cat(x: Tensor) -> Tensor:
-    """Concatenate every rank's ``x`` along dim 0 in rank order (rank 0's rows first); ``x`` itself with one
-    process. Sizes along dim 0 may differ between ranks; the other dims and the dtype must match (pad e.g.
+def all_gather_cat(x: Tensor, dim: int = 0) -> Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in rank order (rank 0's part first); ``x`` itself with one
+    process. Sizes along ``dim`` may differ between ranks; the other dims and the dtype must match (pad e.g.
     response tensors to :func:`all_reduce_max` of their length first). Bool tensors are supported.
 
     Use it to give every rank the whole rollout after the expensive per-rank part (env steps, generation,
-    scoring), so that advantages and the minibatch order are computed exactly as one process would.
+    scoring), so that advantages and the minibatch order are computed exactly as one process would: a control
+    rollout ``(T, n_envs_local, ...)`` gathered along ``dim=1`` is the 1-process ``(T, num_envs, ...)`` when rank
+    r runs the global envs ``shard_indices(num_envs, r, N)``.
     """
     if not _check_group():
         return x
+    if dim != 0:
+        return all_gather_cat(x.movedim(dim, 0), 0).movedim(0, dim)
     world = torch.distributed.get_world_size()
     src = x.detach().contiguous()
     is_bool = src.dtype == torch.bool
     if is_bool:
         src = src.to(torch.uint8)
-    sizes = torch.zeros(world, dtype=torch.int64)
+    sizes = torch.zeros(world, dtype=torch.int64, device=src.device)
     sizes[torch.distributed.get_rank()] = src.shape[0]
     sizes = all_reduce_sum(sizes).tolist()
     longest = max(sizes)

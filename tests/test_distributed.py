@@ -117,6 +117,8 @@ def _stats_worker(rank: int, port: int, out_dir: str) -> None:
     res["max"] = D.all_reduce_max(torch.tensor([3, 9]) if rank == 0 else torch.tensor([7, 1])).tolist()
     res["gather"] = D.all_gather_cat(d["x_clean"]).tolist()
     res["gather_mask"] = D.all_gather_cat(d["mask"]).tolist()
+    cols = slice(0, 2) if rank == 0 else slice(2, 6)  # (T, n_envs_local) rollouts gathered along the env axis
+    res["gather_dim1"] = D.all_gather_cat(_data()["values"][:, cols], dim=1).tolist()
     res["metrics_equal"] = D.mean_over_ranks({"a": float(rank), "b": 10.0 * (rank + 1)})
     res["metrics_weighted"] = D.mean_over_ranks({"ret": 100.0 if rank == 0 else 40.0,
                                                  "only1": float("nan") if rank == 0 else 7.0,
@@ -176,6 +178,7 @@ def test_collectives_vote_broadcast_and_flat_gradient(stats):
         d = _data()
         assert torch.equal(torch.tensor(r[rank]["gather"], dtype=torch.float64), d["x_clean"])  # 4 + 6 rows
         assert torch.equal(torch.tensor(r[rank]["gather_mask"]), d["mask"])
+        assert torch.equal(torch.tensor(r[rank]["gather_dim1"], dtype=torch.float64), d["values"])
         # (100 * 1 + 40 * 3) / 4 = 55; "only1" from rank 1 alone; "none" has no value anywhere
         mw = r[rank]["metrics_weighted"]
         assert mw["ret"] == 55.0 and mw["only1"] == 7.0 and np.isnan(mw["none"])
