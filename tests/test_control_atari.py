@@ -314,3 +314,39 @@ def test_breakout_preset_is_cleanrl_ppo_atari():
                 "lr_schedule": "linear", "clip_coef": 0.1, "entropy_coef": 0.01, "value_coef": 0.5,
                 "max_grad_norm": 0.5, "gamma": 0.99, "gae_lambda": 0.95, "value_clip_coef": 0.1}
     assert {k: p[k] for k in expected} == expected
+
+
+# ---------------------------------------------------------------- the trainer's PPO update runs these policies as is
+
+
+@pytest.mark.parametrize("obs_shape,space", [((1, 36, 36), spaces.Discrete(3)), ((5,), spaces.MultiDiscrete([2, 3])),
+                                             ((1, 36, 36), spaces.Box(-1, 1, (2,))), ((5,), spaces.MultiBinary(3))])
+def test_ppo_update_trains_these_policies_with_autograd(obs_shape, space):
+    from proxrl.control.adam import FlatAdam
+    from proxrl.control.config import ControlConfig
+    from proxrl.control.ppo import ppo_update
+    from proxrl.control.rollout import Rollout
+
+    T, N = 8, 4
+    torch.manual_seed(0)
+    dist = action_dist_for(space)
+    image = len(obs_shape) == 3
+    pol = CNNActorCritic(obs_shape, dist) if image else MLPActorCritic(obs_shape[0], dist)
+    flat = flatten_parameters(pol)
+    before = flat.detach().clone()
+    obs = torch.randint(0, 256, (T, N, *obs_shape), dtype=torch.uint8) if image else torch.randn(T, N, *obs_shape)
+    action, logp, value = pol.act(obs.reshape(-1, *obs_shape), torch.Generator().manual_seed(0))
+    rollout = Rollout(
+        obs=obs, actions=action.reshape(T, N, *dist.action_shape).clone(), logprobs=logp.reshape(T, N).clone(),
+        values=value.reshape(T, N).clone(), next_values=torch.zeros(T, N), rewards=torch.randn(T, N),
+        terminated=torch.zeros(T, N, dtype=torch.bool), truncated=torch.zeros(T, N, dtype=torch.bool),
+        valid=torch.ones(T, N, dtype=torch.bool), episode_returns=[], episode_lengths=[],
+    )
+    cfg = ControlConfig(num_envs=N, rollout_steps=T, num_minibatches=2, epochs=2, entropy_coef=0.01)
+    metrics = ppo_update(pol, FlatAdam(flat, lr=1e-3, eps=1e-5), flat, rollout, cfg, 0.2,
+                         torch.Generator().manual_seed(0))
+    assert all(math.isfinite(metrics[k]) for k in ("policy_loss", "value_loss", "entropy", "approx_kl"))
+    assert metrics["approx_kl"] > 0 and not torch.equal(flat.detach(), before)
+    # the first minibatch sees the rollout's own policy: entropy starts near the uniform one for discrete heads
+    if dist.kind == "categorical":
+        assert metrics["entropy"] == pytest.approx(math.log(3), abs=0.05)
