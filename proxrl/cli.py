@@ -99,19 +99,24 @@ def _plot(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------- LM front-end
 def _sft(args: argparse.Namespace) -> None:
-    from proxrl.lm.sft import SFTConfig, load_run_config, train_sft
+    from proxrl.lm.sft import train_sft
+    from proxrl.lm.supervised import load_run_config
+    from proxrl.lm.supervised_config import SFTConfig
 
     if args.resume:
-        train_sft(load_run_config(args.resume), resume=True)
+        train_sft(load_run_config(SFTConfig, args.resume, C.given_options(SFTConfig, args)), resume=True)
         return
     train_sft(C.build(SFTConfig, args))
 
 
 def _reward_model(args: argparse.Namespace) -> None:
-    from proxrl.lm.reward_model import RewardModelConfig, load_run_config, train_reward_model
+    from proxrl.lm.reward_model import train_reward_model
+    from proxrl.lm.supervised import load_run_config
+    from proxrl.lm.supervised_config import RewardModelConfig
 
     if args.resume:
-        train_reward_model(load_run_config(args.resume), resume=True)
+        cfg = load_run_config(RewardModelConfig, args.resume, C.given_options(RewardModelConfig, args))
+        train_reward_model(cfg, resume=True)
         return
     train_reward_model(C.build(RewardModelConfig, args))
 
@@ -225,12 +230,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = add("plot", _plot, "Draw a run's PNG plots into RUN_DIR/plots.", config_flag=False)
     p.add_argument("run_dir", metavar="RUN_DIR")
 
-    resume_help = "continue RUN_DIR from its last checkpoint (written with --checkpoint-every N) with its saved config"
-    p = add("sft", _sft, "Supervised fine-tuning of a causal LM on text or prompt/completion JSONL.",
-            ("proxrl.lm.sft", "SFTConfig") if want("sft") else None)
+    resumable = sorted(getattr(_lazy_cls("proxrl.lm.supervised_config", "SFTConfig"), "resumable_fields", ()))
+    resume_help = ("continue RUN_DIR from its last checkpoint (written with --checkpoint-every N) with its saved "
+                   "config; options given with it may change only: "
+                   + ", ".join("--" + f.replace("_", "-") for f in resumable))
+    p = add("sft", _sft, "Supervised fine-tuning of a causal LM on text, prompt/completion or chat data "
+            "(JSONL, JSON, CSV, Parquet, a datasets directory or hub name).",
+            ("proxrl.lm.supervised_config", "SFTConfig") if want("sft") else None)
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help=resume_help)
-    p = add("reward-model", _reward_model, "Train a pairwise (Bradley-Terry) reward model on chosen/rejected JSONL.",
-            ("proxrl.lm.reward_model", "RewardModelConfig") if want("reward-model") else None)
+    p = add("reward-model", _reward_model, "Train a pairwise (Bradley-Terry) reward model on chosen/rejected data "
+            "(JSONL, JSON, CSV, Parquet, a datasets directory or hub name).",
+            ("proxrl.lm.supervised_config", "RewardModelConfig") if want("reward-model") else None)
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help=resume_help)
     p = add("ppo", _ppo, "PPO fine-tuning of a causal LM against a reward model or reward function (RLHF).",
             ("proxrl.lm.ppo_config", "PPOConfig") if want("ppo") else None)

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 from proxrl.errors import UserError  # noqa: E402
 from proxrl.lm import reward_model as RM  # noqa: E402
+from proxrl.lm.supervised import load_run_config  # noqa: E402
 from proxrl.lm.tasks import arithmetic as A  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def test_bad_jsonl_line_is_named(tmp_path, tiny_lm):
 def test_missing_key_is_named(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a"}\n')
-    with pytest.raises(UserError, match="line 2"):
+    with pytest.raises(UserError, match="row 2: 'rejected' is empty"):
         RM.load_pairs(data)
 
 
@@ -123,7 +124,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_lm, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         RM.train_reward_model(RM.RewardModelConfig(run_dir=str(tmp_path / "b"), **kw))
     monkeypatch.setattr(RM, "pair_loss", real)
-    res = RM.train_reward_model(RM.load_run_config(tmp_path / "b"), resume=True)  # from step 4
+    res = RM.train_reward_model(load_run_config(RM.RewardModelConfig, tmp_path / "b"), resume=True)  # from step 4
 
     assert res["eval_accuracy"] == full["eval_accuracy"] and res["eval_loss"] == full["eval_loss"]
     assert read_metrics(tmp_path / "b") == read_metrics(tmp_path / "a")

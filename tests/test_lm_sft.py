@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 
 from proxrl.errors import UserError  # noqa: E402
 from proxrl.lm import sft as S  # noqa: E402
+from proxrl.lm.supervised import load_run_config  # noqa: E402
 from proxrl.lm.tasks import arithmetic as A  # noqa: E402
 
 
@@ -124,7 +125,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         S.train_sft(S.SFTConfig(run_dir=str(tmp_path / "b"), **kw))
     monkeypatch.setattr(S, "lm_loss", real)
-    res = S.train_sft(S.load_run_config(tmp_path / "b"), resume=True)  # from checkpoints/step_000000005
+    res = S.train_sft(load_run_config(S.SFTConfig, tmp_path / "b"), resume=True)  # from checkpoints/step_000000005
 
     assert res["eval_loss"] == full["eval_loss"] and res["tokens"] == full["tokens"]
     assert read_metrics(tmp_path / "b") == read_metrics(tmp_path / "a")
@@ -143,3 +144,124 @@ def test_resume_needs_a_run_with_a_checkpoint(tmp_path):
     S.train_sft(cfg)
     with pytest.raises(UserError, match="checkpoint-every"):
         S.train_sft(cfg, resume=True)
+
+
+# ------------------------------------------------------------------------------------------------ resume from the CLI
+
+
+def _cli(capsys, *argv):
+    from proxrl.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _tiny_run_flags(tmp_path):
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(f"the {w} sat on the {v}" for w in ("cat", "dog", "cow") for v in ("mat", "log")) * 20)
+    return ["--data", data, "--vocab-size", 300, "--n-layer", 1, "--n-embd", 32, "--n-head", 2, "--n-positions", 32,
+            "--max-length", 16, "--batch-size", 8, "--eval-every", 4, "--log-every", 3, "--checkpoint-every", 3,
+            "--progress", "false"]
+
+
+def test_cli_resume_applies_resumable_flags_and_refuses_the_rest(tmp_path, capsys):
+    from proxrl.runs import read_metrics
+
+    run = tmp_path / "run"
+    code, err = _cli(capsys, "sft", *_tiny_run_flags(tmp_path), "--max-steps", 4, "--run-dir", run)
+    assert code == 0, err
+    config = (run / "config.yaml").read_bytes()
+    # a field a resume may not change: one line naming it and the ones it may; nothing rewritten
+    code, err = _cli(capsys, "sft", "--resume", run, "--learning-rate", 0.5)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--learning-rate cannot change on --resume" in err and "--max-steps" in err and "--log-every" in err
+    assert (run / "config.yaml").read_bytes() == config
+    # a step budget below the step the run reached (its checkpoint is at step 3)
+    code, err = _cli(capsys, "sft", "--resume", run, "--max-steps", 2)
+    assert code == 2 and "already at step 3" in err and "give at least 3" in err, err
+    assert (run / "config.yaml").read_bytes() == config
+    # the saved value again is fine; --max-steps and --log-every are applied and saved
+    code, err = _cli(capsys, "sft", "--resume", run, "--learning-rate", 1e-3, "--max-steps", 7, "--log-every", 7)
+    assert code == 0, err
+    cfg = load_run_config(S.SFTConfig, run)
+    assert (cfg.max_steps, cfg.log_every, cfg.run_dir) == (7, 7, str(run))
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if "train_loss" in r] == [3, 7]  # step 4's row is gone, then every 7 steps
+    assert json.loads((run / "sft_result.json").read_text())["steps"] == 7
+
+
+def test_resume_works_on_the_directory_given_and_checks_the_stage(tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    assert _cli(capsys, "sft", *_tiny_run_flags(tmp_path), "--max-steps", 4, "--run-dir", run)[0] == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    shutil.rmtree(run)
+    code, err = _cli(capsys, "sft", "--resume", moved, "--max-steps", 5)
+    assert code == 0, err
+    assert not run.exists() and load_run_config(S.SFTConfig, moved).run_dir == str(moved)
+    code, err = _cli(capsys, "reward-model", "--resume", moved)
+    assert code == 2 and "is a sft run, not a reward_model run" in err and "proxrl sft --resume" in err, err
+
+
+def test_max_grad_norm_none_means_no_clipping_and_zero_is_refused(tmp_path):
+    with pytest.raises(UserError, match="max_grad_norm=0.0 must be > 0; use none to turn gradient clipping off"):
+        S.SFTConfig(data="x.txt", max_grad_norm=0.0)
+    from proxrl.config import from_dict
+
+    assert from_dict(S.SFTConfig, {"data": "x.txt", "max_grad_norm": None}).max_grad_norm is None
+    with pytest.raises(UserError, match="'prompt_key' was renamed to 'prompt_column'"):
+        from_dict(S.SFTConfig, {"data": "x.txt", "prompt_key": "q"})
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    data = tmp_path / "t.txt"
+    data.write_text("the cat sat on the mat\nthe dog sat on the log\n" * 20)
+    cfg = S.SFTConfig(data=str(data), run_dir=str(tmp_path / "o"), vocab_size=300, n_layer=1, n_embd=32, n_head=2,
+                      n_positions=32, max_length=16, batch_size=8, max_steps=6, checkpoint_every=2, progress=False)
+    real, calls = S.lm_loss, {"n": 0}
+
+    def nan_at_step_5(model, batch, reduction="mean"):
+        out = real(model, batch, reduction)
+        if reduction == "mean":
+            calls["n"] += 1
+            if calls["n"] == 5:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(S, "lm_loss", nan_at_step_5)
+    with pytest.raises(UserError) as e:
+        S.train_sft(cfg)
+    assert str(e.value).startswith("non-finite sft loss (nan) at step 5; start again with a lower --learning-rate")
+    from proxrl.runs import list_checkpoints
+
+    assert [p.name for p in list_checkpoints(tmp_path / "o")] == ["step_000000002", "step_000000004"]
+
+
+# ------------------------------------------------------------------------------------------------ data layouts
+
+
+def test_sft_reads_csv_and_parquet_with_column_options(tmp_path, char_tok):
+    import datasets
+
+    rows = [{"q": f"{i}+1=", "a": str(i + 1)} for i in range(40)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.csv").write_text("q,a\n" + "".join(f"{r['q']},{r['a']}\n" for r in rows))
+    want = [{"row": i + 1, "prompt": r["q"], "completion": r["a"]} for i, r in enumerate(rows)]
+    for name in ("d.parquet", "d.csv"):
+        assert S.load_records(tmp_path / name, prompt_column="q", completion_column="a") == want
+    with pytest.raises(UserError) as e:
+        S.load_records(tmp_path / "d.csv")
+    assert str(e.value).startswith("d.csv has none of the columns 'messages', 'prompt' + 'completion' or 'text' "
+                                   "(columns: 'q', 'a')")
+    cfg = S.SFTConfig(data=str(tmp_path / "d.csv"), prompt_column="q", completion_column="a", tokenizer=str(char_tok),
+                      run_dir=str(tmp_path / "o"), n_layer=1, n_embd=16, n_head=2, n_positions=16, max_length=16,
+                      batch_size=8, max_steps=2, eval_fraction=0.1, progress=False)
+    res = S.train_sft(cfg)
+    # 4 held out of 40; every completion is its digits + EOS: loss tokens counted over 2 steps of 8 examples
+    assert (res["train_examples"], res["eval_examples"]) == (36, 4)
+    assert 2 * 8 * 2 <= res["tokens"] <= 2 * 8 * 3

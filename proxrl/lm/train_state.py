@@ -15,28 +15,45 @@ import torch
 
 from proxrl.errors import UserError
 from proxrl.runs import (
+    CheckpointError,
     RunDir,
     generator_state,
     latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_generator_state,
     set_rng_state,
+    verify_checkpoint,
 )
+from proxrl.runs.finite import check_finite
 
-__all__ = ["resume_checkpoint", "save_train_state", "load_train_state"]
+__all__ = ["resume_checkpoint", "save_train_state", "load_train_state", "pack_optimizer", "unpack_optimizer"]
+
+#: what :func:`save_train_state` writes into a checkpoint's state.json (checked on load)
+STATE_KEYS = ("step", "optimizer", "scheduler", "generator", "rng", "loop")
 
 
 def resume_checkpoint(run: RunDir) -> Path:
-    """The checkpoint to resume ``run`` from; one-line UserError if the directory holds no run or no checkpoint."""
+    """The checkpoint to resume ``run`` from: its newest, verified (sha256 of both files).
+
+    Raises:
+        UserError (one line): the directory holds no run or no checkpoint, or its newest checkpoint is corrupt or
+        incomplete (naming it, and the previous good one to fall back to by deleting the newest, if any).
+    """
     if not run.has_run():
         raise UserError(f"cannot resume {str(run.path)!r}: it holds no run (no config.yaml)")
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise UserError(f"cannot resume {str(run.path)!r}: it has no complete checkpoint (runs save them with "
                         f"--checkpoint-every N); delete it or pass --overwrite to start again")
+    try:
+        verify_checkpoint(ckpt)
+    except CheckpointError:
+        load_latest_checkpoint(run)  # raises the one-line error that names the previous good checkpoint
+        raise
     return ckpt
 
 
@@ -84,8 +101,7 @@ def save_train_state(run: RunDir, step: int, model: torch.nn.Module, optimizer: 
     """Write ``run/checkpoints/step_<step>`` (atomic); keep the newest ``keep`` checkpoints (0 = all)."""
     tensors: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise UserError(f"non-finite weights in {k!r} at step {step}; lower --learning-rate")
+        check_finite(f"weight {k!r}", v, f"step {step}", "start again with a lower --learning-rate")
         tensors[f"model.{k}"] = v
     opt_json = pack_optimizer(optimizer, tensors)
     rng_t, rng_s = rng_state()
@@ -102,7 +118,7 @@ def save_train_state(run: RunDir, step: int, model: torch.nn.Module, optimizer: 
 def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                      generator: torch.Generator) -> tuple[int, dict[str, Any]]:
     """Restore what :func:`save_train_state` wrote into the given objects; returns ``(step, loop)``."""
-    tensors, state = load_checkpoint(path)
+    tensors, state = load_checkpoint(path, require_state=STATE_KEYS)
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(weights, strict=True)
