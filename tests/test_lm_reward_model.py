@@ -131,3 +131,45 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_lm, monkeypatch):
     a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a").state_dict()
     b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_conversational_pairs_rendered_with_the_template(tmp_path, tiny_lm):
+    from proxrl.lm.models import load_tokenizer
+
+    template = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}|{% endfor %}"
+                "{% if add_generation_prompt %}<a>{% endif %}")
+    tok = A.build_char_tokenizer(chars="0123456789<>|uas")
+    user = [{"role": "user", "content": "12"}]
+    pairs = [{"prompt": user, "chosen": [{"role": "assistant", "content": "37"}],
+              "rejected": [{"role": "assistant", "content": "38"}]},
+             {"prompt": None, "chosen": user + [{"role": "assistant", "content": "4"}],  # implicit prompt
+              "rejected": user + [{"role": "assistant", "content": "5"}]},
+             {"prompt": "1", "chosen": "2", "rejected": "3"}]
+    c, r = RM.encode_pairs(tok, pairs, [0, 1, 2], template, 64, append_eos=True)
+    assert [tok.decode(x) for x in c] == ["<u>12|<a>37|", "<u>12|<a>4|", "<u>1|<a>2|"]  # no EOS after the marker
+    assert tok.decode(r[0]) == "<u>12|<a>38|"
+    c, r = RM.encode_pairs(tok, pairs, [0, 2], None, 64, append_eos=True)  # no template: contents joined + EOS
+    assert [tok.decode(x) for x in c] == ["1237<eos>", "12<eos>"]
+    # through a JSONL file (lists of messages survive `datasets`) and a template file, end to end
+    data = tmp_path / "chat_pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs[:2] * 10))
+    (tmp_path / "t.jinja").write_text(template)
+    res = RM.train_reward_model(RM.RewardModelConfig(
+        data=str(data), model=str(tiny_lm), run_dir=str(tmp_path / "rm"), chat_template=str(tmp_path / "t.jinja"),
+        batch_size=4, max_steps=2, eval_fraction=0.2, progress=False))
+    assert (res["pairs_train"], res["pairs_eval"]) == (16, 4)
+    with pytest.raises(UserError, match="has no chat template"):
+        RM.train_reward_model(RM.RewardModelConfig(data=str(data), model=str(tiny_lm),
+                                                   run_dir=str(tmp_path / "rm2"), progress=False))
+
+
+def test_other_column_names_and_missing_column(tmp_path, tiny_lm):
+    data = tmp_path / "pairs.csv"
+    data.write_text("question,good,bad\n1+1=,2,3\n2+2=,4,5\n")
+    assert RM.load_pairs(data, "question", "good", "bad") == [
+        {"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": "4", "rejected": "5"}]
+    assert RM.load_pairs(data, "nope", "good", "bad")[0]["prompt"] is None  # prompt is optional
+    with pytest.raises(UserError) as e:
+        RM.load_pairs(data)
+    assert str(e.value) == ("pairs.csv has no column 'chosen' (columns: 'question', 'good', 'bad'); pass "
+                            "--chosen-column with the column to use")

@@ -265,3 +265,57 @@ def test_sft_reads_csv_and_parquet_with_column_options(tmp_path, char_tok):
     # 4 held out of 40; every completion is its digits + EOS: loss tokens counted over 2 steps of 8 examples
     assert (res["train_examples"], res["eval_examples"]) == (36, 4)
     assert 2 * 8 * 2 <= res["tokens"] <= 2 * 8 * 3
+
+
+# ------------------------------------------------------------------------------------------------ conversations
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}|{% endfor %}"
+            "{% if add_generation_prompt %}<a>{% endif %}")
+CHAT = [{"role": "user", "content": "12"}, {"role": "assistant", "content": "34"},
+        {"role": "user", "content": "5"}, {"role": "assistant", "content": "67"}]
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    """A char-level tokenizer (one token per character, no chat template of its own) and a template file."""
+    from proxrl.lm.models import load_tokenizer
+
+    d = tmp_path_factory.mktemp("chat")
+    A.build_char_tokenizer(d / "tok", chars="0123456789<>|uas")
+    (d / "t.jinja").write_text(TEMPLATE)
+    return load_tokenizer(d / "tok"), d / "t.jinja"
+
+
+def _label_text(tok, example):
+    b = S.build_batch([example], pad_id=0)
+    return [tok.convert_ids_to_tokens(int(i)) for i in b["labels"][0] if i != -100]
+
+
+def test_messages_loss_on_assistant_turns_only(chat_tok):
+    tok, _ = chat_tok
+    (with_t,) = S.tokenize_records([{"messages": CHAT}], tok, 64, template=TEMPLATE)
+    assert tok.decode(list(with_t.ids)) == "<u>12|<a>34|<u>5|<a>67|"
+    assert _label_text(tok, with_t) == list("34|67|")  # content + end-of-turn marker of each assistant turn
+    (plain,) = S.tokenize_records([{"messages": CHAT}], tok, 64, template=None)
+    assert _label_text(tok, plain) == ["3", "4", "<eos>", "6", "7", "<eos>"]
+    # a prompt/completion pair with a template: the prompt is a user turn with the generation prompt, no extra EOS
+    (pair,) = S.tokenize_records([{"prompt": "12", "completion": "34"}], tok, 64, template=TEMPLATE)
+    assert tok.decode(list(pair.ids)) == "<u>12|<a>34|" and pair.n_prompt == len("<u>12|<a>")
+    # truncated before the first assistant token: no loss token left, the example is dropped
+    assert S.tokenize_records([{"messages": CHAT}], tok, 9, template=TEMPLATE) == []
+
+
+def test_sft_on_conversations_counts_only_assistant_tokens(tmp_path, chat_tok):
+    tok, template = chat_tok
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(8)))
+    kw = dict(data=str(data), tokenizer=str(template.parent / "tok"), n_layer=1, n_embd=16, n_head=2,
+              n_positions=32, max_length=32, batch_size=8, max_steps=2, eval_fraction=0.0, progress=False)
+    res = S.train_sft(S.SFTConfig(run_dir=str(tmp_path / "a"), chat_template=str(template), **kw))
+    assert res["tokens"] == 2 * 8 * 6  # 2 steps x 8 conversations x "34|67|"
+    res = S.train_sft(S.SFTConfig(run_dir=str(tmp_path / "b"), chat_template="none", **kw))
+    assert res["tokens"] == 2 * 8 * 6  # "34<eos>67<eos>"
+    with pytest.raises(UserError) as e:
+        S.train_sft(S.SFTConfig(run_dir=str(tmp_path / "c"), **kw))  # --chat-template auto, no template
+    assert "has no chat template" in str(e.value) and "--chat-template none" in str(e.value)
+    assert not (tmp_path / "c").exists()
