@@ -10,8 +10,11 @@ Numbers are read from the run's ``metrics.jsonl``: ``train_seconds`` is proxrl's
 time (rollouts, updates and metric logging; evaluation and checkpoint writing excluded); the first row whose
 ``eval_return_mean >= 475`` gives the steps and seconds to solve CartPole.
 
+``--grad-backend numpy|autograd`` overrides the config's ``grad_backend`` (default ``auto``, which is numpy
+for these MLP policies), to compare the closed-form numpy gradient with torch autograd.
+
 Usage: ``python benchmarks/_proxrl_control_side.py {cartpole,pendulum} SEED STEPS OUT.json
-[--eval-every N] [--profile OUT.prof] [--breakdown]``
+[--eval-every N] [--grad-backend auto|numpy|autograd] [--profile OUT.prof] [--breakdown]``
 """
 from __future__ import annotations
 
@@ -118,12 +121,13 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = None, breakdown: bool = False) -> dict:
+def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = None, breakdown: bool = False,
+        grad_backend: str = "auto") -> dict:
     timers = _install_breakdown() if breakdown else None
     env_id = ENV_IDS[env]
     cfg = ControlConfig(**{
         **PRESETS[env_id], "seed": seed, "total_steps": steps, "eval_every": eval_every, "eval_episodes": 20,
-        "checkpoint_every": 0, "tensorboard": False, "threads": 1,
+        "checkpoint_every": 0, "tensorboard": False, "threads": 1, "grad_backend": grad_backend,
     })
     tmp = Path(tempfile.mkdtemp(prefix=f"proxrl_bench_{env}_"))
     try:
@@ -172,11 +176,13 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--profile", default=None, help="write a cProfile of the train() call to this file")
     p.add_argument("--breakdown", action="store_true", help="time the stages of the loop (rollout, update, ...)")
+    p.add_argument("--grad-backend", choices=("auto", "numpy", "autograd"), default="auto",
+                   help="ControlConfig.grad_backend (auto = numpy for these MLP policies)")
     a = p.parse_args()
     torch.set_num_threads(1)
     import_seconds = time.perf_counter() - T_START
-    res = run(a.env, a.seed, a.steps, a.eval_every, a.profile, a.breakdown)
-    res.update(side="proxrl", env=a.env, seed=a.seed, import_seconds=import_seconds,
+    res = run(a.env, a.seed, a.steps, a.eval_every, a.profile, a.breakdown, a.grad_backend)
+    res.update(side="proxrl", env=a.env, seed=a.seed, grad_backend=a.grad_backend, import_seconds=import_seconds,
                process_seconds=time.perf_counter() - T_START)
     Path(a.out).write_text(json.dumps(res))
 

@@ -26,6 +26,9 @@ Usage:
     python benchmarks/control_bench.py --quick              # smoke test: 1 seed, 20k / 8k steps
     python benchmarks/control_bench.py --profile /tmp/cartpole.prof   # where proxrl's CartPole time goes: a
                                       # stage-timer split of one run, then one run under cProfile
+    python benchmarks/control_bench.py --backends numpy,autograd --seeds 3 --pendulum-seeds 3 --quick
+                                      # proxrl only: env-steps/s of each gradient backend (--grad-backend),
+                                      # interleaved per seed; needs no SB3
 """
 from __future__ import annotations
 
@@ -75,8 +78,28 @@ def _run_child(args: list[str]) -> dict:
     return res
 
 
-def run_side(side: str, env: str, seed: int, steps: int) -> dict:
-    return _run_child([str(SIDES[side]), "--eval-every", str(EVAL_EVERY[env]), env, str(seed), str(steps)])
+def run_side(side: str, env: str, seed: int, steps: int, grad_backend: str = "auto") -> dict:
+    extra = ["--grad-backend", grad_backend] if side == "proxrl" else []
+    return _run_child([str(SIDES[side]), "--eval-every", str(EVAL_EVERY[env]), *extra, env, str(seed), str(steps)])
+
+
+def compare_backends(env: str, seeds: int, steps: int, backends: list[str]) -> dict:
+    """proxrl's env-steps/s (rollouts + updates + logging, evaluation excluded) per gradient backend, the
+    backends interleaved per seed (order reversed on odd seeds) so that machine load hits them alike."""
+    runs = []
+    for i in range(seeds):
+        for backend in (backends if i % 2 == 0 else backends[::-1]):
+            load = os.getloadavg()[0]
+            r = run_side("proxrl", env, i, steps, backend)
+            r.update(backend=backend, loadavg_before=load, loadavg_after=os.getloadavg()[0])
+            print(f"  {env} seed {i} {backend:>8}: {r['steps_per_second']:.0f} env-steps/s, train {r['train_seconds']:.2f} s, "
+                  f"final eval {r['final_eval_mean']:.1f} (load {load:.2f} -> {r['loadavg_after']:.2f})", flush=True)
+            runs.append(r)
+    summary = {b: _median([r["steps_per_second"] for r in runs if r["backend"] == b]) for b in backends}
+    print(f"{env} ({steps} env steps, {seeds} seeds): median env-steps/s " +
+          ", ".join(f"{b} {v:.0f}" for b, v in summary.items()) +
+          (f"; {backends[0]}/{backends[1]} = {summary[backends[0]] / summary[backends[1]]:.2f}x" if len(backends) == 2 else ""))
+    return {"runs": runs, "median_steps_per_second": summary}
 
 
 # ================================================================================ env-only limit (subprocess)
@@ -293,12 +316,25 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed each, 20k CartPole / 8k Pendulum steps")
     p.add_argument("--json", default=None, help="write all per-run results and the summary to this file")
     p.add_argument("--profile", default=None, help="only profile one proxrl CartPole run (cProfile) into this file")
+    p.add_argument("--backends", default=None,
+                   help="proxrl only: compare these --grad-backend values (e.g. numpy,autograd) in env-steps/s")
     p.add_argument("--_envspeed", nargs=2, metavar=("OUT", "STEPS"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._envspeed:
         worker_envspeed(a._envspeed[0], int(a._envspeed[1]))
         return
     steps = QUICK_STEPS if a.quick else STEPS
+    if a.backends:
+        backends = [b for b in a.backends.split(",") if b]
+        if not backends or any(b not in ("auto", "numpy", "autograd") for b in backends):
+            p.error(f"--backends={a.backends!r}: use a comma-separated subset of auto,numpy,autograd")
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}  cpus={os.cpu_count()}  load average at start "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+        res = {env: compare_backends(env, n, steps[env], backends)
+               for env, n in (("cartpole", a.seeds), ("pendulum", a.pendulum_seeds)) if a.env in (env, "all")}
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1, default=lambda x: None))
+        return
     if a.profile:
         res = _profile(a.profile, steps["cartpole"])
         if a.json:
