@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from proxrl.errors import UserError
-from proxrl.lm import models as M
+from proxrl.lm.builders import build_tiny_gpt2
 from proxrl.lm.generation import _filter_logits, _sample, generate
+from proxrl.lm.heads import policy_with_value_head
+from proxrl.lm.logprobs import response_forward
+from proxrl.lm.lora import apply_lora
+from proxrl.lm.reference import reference_context
+from proxrl.lm.tokenization import train_bpe_tokenizer
 
 torch.set_num_threads(1)
 
@@ -23,12 +28,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return M.train_bpe_tokenizer(TEXTS, 300)
+    return train_bpe_tokenizer(TEXTS, 300)
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    return M.build_tiny_gpt2(tok, n_layer=2, n_embd=32, n_head=2, seed=0).eval()
+    return build_tiny_gpt2(tok, n_layer=2, n_embd=32, n_head=2, seed=0).eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +46,7 @@ def batch(tok):
 
 
 def recompute(model, out, temperature):
-    return M.response_logprobs(model, out.sequences, out.attention_mask, out.prompt_len, temperature)
+    return response_forward(model, out.sequences, out.attention_mask, out.prompt_len, temperature).logprobs
 
 
 def test_greedy_matches_hf_generate_with_left_padding(model, tok, batch):
@@ -172,7 +177,7 @@ def test_stop_strings(model, tok, batch):
 
 def test_outputs_usable_in_autograd_and_value_head_model(model, batch):
     ids, mask = batch
-    pv = M.policy_with_value_head(model)
+    pv = policy_with_value_head(model)
     out = generate(pv, ids, mask, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
     assert not torch.is_inference(out.sequences) and not torch.is_inference(out.logprobs)
     logits, values = pv(out.sequences, out.attention_mask)
@@ -190,7 +195,7 @@ def test_bad_arguments(model, batch):
 
 def test_generate_with_lora_policy(tok, batch):
     ids, mask = batch
-    policy = M.apply_lora(M.build_tiny_gpt2(tok, 2, 32, 2, seed=4), r=2).train()
+    policy = apply_lora(build_tiny_gpt2(tok, 2, 32, 2, seed=4), r=2).train()
     with torch.no_grad():
         for n, p in policy.named_parameters():
             if "lora_B" in n:
@@ -199,7 +204,7 @@ def test_generate_with_lora_policy(tok, batch):
     assert policy.training  # mode restored
     with torch.no_grad():
         assert torch.allclose(out.logprobs, recompute(policy, out, 0.9), atol=1e-5)
-        with M.reference_context(policy) as ref:
+        with reference_context(policy) as ref:
             ref_greedy = generate(ref, ids, mask, max_new_tokens=6, temperature=0.0)
         tuned_greedy = generate(policy, ids, mask, max_new_tokens=6, temperature=0.0)
         with policy.disable_adapter():

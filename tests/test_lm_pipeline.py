@@ -10,14 +10,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("vaderSentiment")
 
 from proxrl.errors import UserError  # noqa: E402
-from proxrl.lm.pipeline import DemoConfig, diversity, run_demo  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+from proxrl.lm.demo_config import DemoConfig  # noqa: E402
+from proxrl.lm.evaluation import diversity  # noqa: E402
+from proxrl.lm.pipeline import run_demo  # noqa: E402
 
 
 def test_quick_sentiment_demo_end_to_end(tmp_path, capfd):
@@ -42,11 +37,28 @@ def test_quick_sentiment_demo_end_to_end(tmp_path, capfd):
 
 
 def test_quick_arithmetic_demo_end_to_end(tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    summary = run_demo("arithmetic", tmp_path / "a", quick=True, threads=1, progress=False)
-    assert 0.0 <= summary["after"]["accuracy_greedy"] <= 1.0
-    AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "ppo" / "policy")
+    from proxrl.lm.tasks.arithmetic import check_answer
+
+    out = tmp_path / "a"
+    summary = run_demo("arithmetic", out, quick=True, threads=1, progress=False)
+    prompts = [json.loads(line)["prompt"] for line in (out / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 32
+    # the reported greedy accuracy is the exact-match rate of each saved model, recomputed here one prompt at a
+    # time (no padding) with transformers' own greedy decoding
+    for name, model_dir in (("before", out / "sft"), ("after", out / "ppo" / "policy")):
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        right = 0
+        for p in prompts:
+            ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            right += check_answer(p, tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True))
+        assert summary[name]["accuracy_greedy"] == right / len(prompts), name
+    assert abs(summary["before"]["kl_to_sft"]) < 1e-4  # the SFT model against itself
 
 
 def test_demo_refuses_non_empty_run_dir_and_bad_task(tmp_path):

@@ -1,4 +1,5 @@
-"""PPO over tokens (proxrl.lm.ppo / rollout): masks, reward placement, ratio == 1, learning, resume, errors.
+"""PPO over tokens (proxrl.lm.ppo / ppo_trainer / rollout): masks, reward placement, ratio == 1, learning, resume,
+errors.
 
 A tiny GPT-2 (1 layer, 32 dims) over a handmade character tokenizer keeps every run to a few seconds.
 """
@@ -14,7 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from proxrl.errors import UserError  # noqa: E402
-from proxrl.lm.ppo_config import PPOConfig, PPOSizes  # noqa: E402
+from proxrl.lm.ppo_config import PPOConfig, PPOSizes, ResolvedOptions  # noqa: E402
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz .")
 PROMPTS = ["the cat", "a dog", "hello", "we go", "sun", "my hat"]
@@ -38,7 +39,9 @@ def _char_tokenizer(out: Path, with_pad: bool) -> Path:
 
 
 def _make_policy(root: Path, with_pad: bool = True, seed: int = 0) -> Path:
-    from proxrl.lm.models import build_tiny_gpt2, load_tokenizer, save_model_and_tokenizer
+    from proxrl.lm.builders import build_tiny_gpt2
+    from proxrl.lm.loading import save_model_and_tokenizer
+    from proxrl.lm.tokenization import load_tokenizer
 
     tok = load_tokenizer(_char_tokenizer(root / "tok", with_pad))
     model = build_tiny_gpt2(tok, n_layer=1, n_embd=32, n_head=2, n_positions=64, seed=seed)
@@ -74,7 +77,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _train(cfg: PPOConfig, reward_fn=count_a, **kw):
-    from proxrl.lm.ppo import train_ppo
+    from proxrl.lm.ppo_trainer import train_ppo
 
     return train_ppo(cfg, prompts=PROMPTS, reward_fn=reward_fn, progress=False, **kw)
 
@@ -105,19 +108,23 @@ def test_config_rejects_bad_values_with_one_line(kw, needle):
 
 
 def test_sizes_and_kl_defaults():
-    s = PPOSizes.from_config(PPOConfig(rollout_size=4, group_size=4, minibatch_size=8, grad_accum_steps=2,
-                                       advantage_estimator="grpo"))
+    cfg = PPOConfig(rollout_size=4, group_size=4, minibatch_size=8, grad_accum_steps=2, advantage_estimator="grpo",
+                    stop_strings="\\n,END", learning_rate=3e-4)
+    s = PPOSizes.from_config(cfg)
     assert (s.batch_size, s.num_minibatches, s.micro_batch_size) == (16, 2, 4)
-    assert (s.kl_mode, s.kl_estimator, s.uses_critic) == ("loss", "k3", False)
-    s = PPOSizes.from_config(PPOConfig())
-    assert (s.kl_mode, s.kl_estimator, s.uses_critic) == ("reward", "k1", True)
+    o = ResolvedOptions.from_config(cfg)
+    assert (o.kl_mode, o.kl_estimator, o.uses_critic) == ("loss", "k3", False)
+    assert o.stop_strings == ("\n", "END") and o.critic_learning_rate == 3e-4
+    o = ResolvedOptions.from_config(PPOConfig(kl_estimator="k2", critic_learning_rate=1e-3))
+    assert (o.kl_mode, o.kl_estimator, o.uses_critic, o.stop_strings) == ("reward", "k2", True, ())
+    assert o.critic_learning_rate == 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ masks / rewards
 
 
 def test_token_rewards_and_gae_respect_response_mask():
-    from proxrl.lm.rollout import token_gae, token_rewards
+    from proxrl.lm.ppo import token_gae, token_rewards
 
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
     scores = torch.tensor([2.0, -1.0, 0.5])
@@ -142,15 +149,19 @@ def test_token_rewards_and_gae_respect_response_mask():
 
 
 def _rollout(policy_dir: Path, prompts, temperature=0.7, max_new_tokens=24, seed=0):
-    from proxrl.lm import models as M
-    from proxrl.lm.ppo import _tokenize_prompts
-    from proxrl.lm.rollout import ModelSet, collect_rollout, left_pad
+    from proxrl.lm.builders import scalar_model_from_causal
+    from proxrl.lm.loading import load_causal_lm
+    from proxrl.lm.positions import left_pad
+    from proxrl.lm.prompts import tokenize_prompts
+    from proxrl.lm.reference import reference_from_policy
+    from proxrl.lm.rollout import ModelSet, collect_rollout
+    from proxrl.lm.tokenization import load_tokenizer
 
-    tok = M.load_tokenizer(policy_dir)
-    policy = M.load_causal_lm(policy_dir)
-    ref = M.reference_from_policy(policy)
-    critic = M.scalar_model_from_causal(policy, head_std=0.02)
-    ids, mask = left_pad(_tokenize_prompts(tok, list(prompts), 64), tok.pad_token_id)
+    tok = load_tokenizer(policy_dir)
+    policy = load_causal_lm(policy_dir)
+    ref = reference_from_policy(policy)
+    critic = scalar_model_from_causal(policy, head_std=0.02)
+    ids, mask = left_pad(tokenize_prompts(tok, list(prompts), 64), tok.pad_token_id)
     seen = {}
 
     def score_fn(i, a, p, rmask, pr, comps):
@@ -164,7 +175,8 @@ def _rollout(policy_dir: Path, prompts, temperature=0.7, max_new_tokens=24, seed
 
 
 def test_pad_equals_eos_score_lands_on_last_response_token(eos_pad_policy_dir):
-    from proxrl.lm.rollout import last_response_index, token_rewards
+    from proxrl.lm.positions import last_token_index
+    from proxrl.lm.ppo import token_rewards
 
     prompts = PROMPTS * 3
     tok, _, ro = _rollout(eos_pad_policy_dir, prompts, temperature=1.5, max_new_tokens=24, seed=1)
@@ -173,7 +185,7 @@ def test_pad_equals_eos_score_lands_on_last_response_token(eos_pad_policy_dir):
     assert ro.finished.any() and (~ro.finished).any(), "need rows that stop at EOS and rows that run out"
     assert len(set(lengths.tolist())) > 2, "need rows of different lengths"
     resp = ro.input_ids[:, ro.prompt_len:]
-    last = last_response_index(ro.response_mask)
+    last = last_token_index(ro.response_mask)
     rows = torch.arange(len(prompts))
     # (3) EOS itself is inside the response mask, and the mask is one contiguous run from 0
     for b in range(len(prompts)):
@@ -193,7 +205,7 @@ def test_pad_equals_eos_score_lands_on_last_response_token(eos_pad_policy_dir):
 
 
 def test_rollout_logprobs_match_full_forward_at_sampling_temperature(policy_dir):
-    from proxrl.lm.rollout import response_forward
+    from proxrl.lm.logprobs import response_forward
 
     _, policy, ro = _rollout(policy_dir, PROMPTS, temperature=0.7, max_new_tokens=10)
     with torch.no_grad():
@@ -215,14 +227,16 @@ def test_ratio_is_one_on_first_minibatch_of_every_update(policy_dir, tmp_path):
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 3
     for r in rows:
-        assert abs(r["policy_kl_first"]) < 1e-6
+        assert abs(r["approx_kl_first"]) < 1e-6
         assert abs(r["ratio_first"] - 1.0) < 1e-5
-    assert rows[-1]["policy_kl"] > 1e-6  # later minibatches do move the policy
-    for k in ("score", "reward", "ref_kl", "ref_kl_k3", "policy_kl", "clipfrac", "policy_loss", "value_loss",
+    assert rows[-1]["approx_kl"] > 1e-6  # later minibatches do move the policy
+    for k in ("score", "reward", "ref_kl", "ref_kl_k3", "approx_kl", "clipfrac", "policy_loss", "value_loss",
               "entropy", "explained_variance", "kl_coef", "response_length", "eos_rate", "tokens_per_second",
               "time_generation", "time_scoring", "time_training"):
         assert k in rows[-1], k
-    assert rows[-1]["ref_kl_k3"] >= 0
+    # KL to the reference: ~0 while the policy is the reference (first rollout), clearly > 0 once it has moved
+    assert rows[0]["ref_kl"] < 1e-4 and rows[0]["ref_kl_k3"] < 1e-6
+    assert rows[-1]["ref_kl_k3"] > 1e-4 and rows[-1]["ref_kl"] > 1e-4
     pngs = sorted(p.name for p in (tmp_path / "run" / "plots").glob("*.png"))
     assert "reward.png" in pngs and "kl.png" in pngs
 
@@ -315,7 +329,7 @@ def test_lora_and_shared_value_head_run(policy_dir, tmp_path):
     cfg = _cfg(policy_dir, tmp_path / "run", total_updates=2, lora_r=4, value_head_on_policy=True)
     _train(cfg)
     rows = _metrics(tmp_path / "run")
-    assert abs(rows[0]["policy_kl_first"]) < 1e-6 and math.isfinite(rows[-1]["value_loss"])
+    assert abs(rows[0]["approx_kl_first"]) < 1e-6 and math.isfinite(rows[-1]["value_loss"])
     assert (tmp_path / "run" / "policy" / "value_head.safetensors").is_file()
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "policy"))
 
@@ -357,30 +371,33 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(policy_dir, tmp_pa
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt is not None and ckpt.name == "step_000000002"
     tensors, state = load_checkpoint(ckpt)
-    assert state["update"] == 2
+    assert state["step"] == 2
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if t.is_floating_point())
 
 
 def test_reward_model_scores_at_last_response_token(policy_dir, tmp_path):
-    from proxrl.lm import models as M
-    from proxrl.lm.ppo import _reward_model_scorer
+    from proxrl.lm.builders import scalar_model_from_causal
+    from proxrl.lm.heads import sequence_scores
+    from proxrl.lm.loading import load_scalar_model, save_model_and_tokenizer
+    from proxrl.lm.scoring import reward_model_scorer
+    from proxrl.lm.tokenization import load_tokenizer
 
-    tok = M.load_tokenizer(policy_dir)
-    rm = M.scalar_model_from_causal(policy_dir, head_std=0.5)
-    rm_dir = M.save_model_and_tokenizer(rm, tok, tmp_path / "rm")
+    tok = load_tokenizer(policy_dir)
+    rm = scalar_model_from_causal(policy_dir, head_std=0.5)
+    rm_dir = save_model_and_tokenizer(rm, tok, tmp_path / "rm")
     cfg = _cfg(policy_dir, tmp_path / "run", total_updates=2, reward_model=str(rm_dir))
     tok, _, ro = _rollout(policy_dir, PROMPTS, max_new_tokens=8)
-    score = _reward_model_scorer(cfg, tok)
+    score = reward_model_scorer(str(rm_dir), tok)
     got = score(ro.input_ids, ro.attention_mask, ro.prompt_len, ro.response_mask, ro.prompts, ro.completions)
     # reference: score each row alone, trimmed to exactly prompt + response (no padding at all)
-    rm = M.load_scalar_model(rm_dir)
+    rm = load_scalar_model(rm_dir)
     for b in range(len(PROMPTS)):
         keep = ro.attention_mask[b].bool()
         ids = ro.input_ids[b][keep][None]
         with torch.no_grad():
-            want = M.sequence_scores(rm, ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]))
+            want = sequence_scores(rm, ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]))
         assert abs(float(got[b]) - float(want[0])) < 1e-4
-    from proxrl.lm.ppo import train_ppo
+    from proxrl.lm.ppo_trainer import train_ppo
 
     train_ppo(cfg, prompts=PROMPTS, progress=False)
     assert len(_metrics(tmp_path / "run")) == 2
@@ -388,7 +405,7 @@ def test_reward_model_scores_at_last_response_token(policy_dir, tmp_path):
 
 def test_cli_style_resume_reads_prompts_and_reward_spec_from_run(policy_dir, tmp_path):
     from proxrl.config import from_dict
-    from proxrl.lm.ppo import train_ppo
+    from proxrl.lm.ppo_trainer import train_ppo
     from proxrl.runs import RunDir
 
     fn_file = tmp_path / "rew.py"
@@ -418,7 +435,7 @@ def test_score_shaping_and_kl_in_reward():
                  prompts=["a"] * 3, completions=["b"] * 3)
     cfg = PPOConfig(rollout_size=3, minibatch_size=3, reward_clip=2.0, missing_eos_penalty=1.0, length_penalty=0.1,
                     kl_coef=0.5, gamma=1.0, gae_lambda=1.0, normalize_advantages=False)
-    stats = compute_advantages(ro, cfg, PPOSizes.from_config(cfg), kl_coef=0.5)
+    stats = compute_advantages(ro, cfg, ResolvedOptions.from_config(cfg), kl_coef=0.5)
     torch.testing.assert_close(ro.shaped_scores, torch.tensor([1.0 - 0.2, 2.0 - 1.0 - 0.3, -2.0 - 0.1]))
     expect = -0.05 * mask
     expect[0, 1] += 0.8
@@ -428,4 +445,119 @@ def test_score_shaping_and_kl_in_reward():
     # gamma = lambda = 1 and V = 0: the advantage is the reward-to-go
     torch.testing.assert_close(ro.advantages, expect.flip(1).cumsum(1).flip(1) * mask)
     assert math.isclose(stats["ref_kl"], (0.2 + 0.3 + 0.1) / 3, rel_tol=1e-5)
+    # k3 = (r - 1) - log r with r = ref / pi = exp(-0.1) on each of the 6 response tokens, averaged over 3 rows
+    assert math.isclose(stats["ref_kl_k3"], 6 * (math.exp(-0.1) - 1 + 0.1) / 3, rel_tol=1e-4)
     assert math.isclose(stats["eos_rate"], 2 / 3, rel_tol=1e-6)
+
+
+def _slow_token_rewards_and_gae(scores, kl, values, mask, kl_coef, gamma, lam):
+    """Reference: per-token rewards and GAE with plain Python loops over each row (float64 throughout)."""
+    B, R = mask.shape
+    rewards = [[0.0] * R for _ in range(B)]
+    adv = [[0.0] * R for _ in range(B)]
+    ret = [[0.0] * R for _ in range(B)]
+    for b in range(B):
+        n = int(mask[b].sum())  # contiguous response of n tokens
+        for t in range(n):
+            rewards[b][t] = -kl_coef * float(kl[b, t])
+        if n:
+            rewards[b][n - 1] += float(scores[b])
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = float(values[b, t + 1]) if t + 1 < n else 0.0  # terminal after the last token
+            delta = rewards[b][t] + gamma * next_v - float(values[b, t])
+            last = delta + gamma * lam * last
+            adv[b][t] = last
+            ret[b][t] = last + float(values[b, t])
+    return (torch.tensor(rewards, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64),
+            torch.tensor(ret, dtype=torch.float64))
+
+
+def test_token_rewards_and_gae_keep_float64_and_match_a_slow_loop():
+    from proxrl.lm.ppo import token_gae, token_rewards
+
+    g = torch.Generator().manual_seed(0)
+    B, R = 7, 11
+    lengths = torch.tensor([11, 1, 5, 0, 8, 3, 11])
+    mask = (torch.arange(R)[None] < lengths[:, None]).double()
+    scores = torch.randn(B, generator=g, dtype=torch.float64) * 3
+    kl = torch.randn(B, R, generator=g, dtype=torch.float64).abs() * mask
+    values = torch.randn(B, R, generator=g, dtype=torch.float64) * mask
+    gamma, lam, kl_coef = 0.97, 0.9, 0.3
+    rewards = token_rewards(scores, kl, mask, kl_coef)
+    adv, ret = token_gae(rewards, values, mask, gamma, lam)
+    assert rewards.dtype == adv.dtype == ret.dtype == torch.float64
+    want_r, want_a, want_ret = _slow_token_rewards_and_gae(scores, kl, values, mask, kl_coef, gamma, lam)
+    assert (rewards - want_r).abs().max() < 1e-12
+    assert (adv - want_a).abs().max() < 1e-12 and (ret - want_ret).abs().max() < 1e-12
+    # the float32 path gives the same numbers to float32 precision only (the check above is not vacuous)
+    a32, _ = token_gae(rewards.float(), values.float(), mask.float(), gamma, lam)
+    assert a32.dtype == torch.float32 and 1e-12 < (a32.double() - want_a).abs().max() < 1e-4
+
+
+def test_target_kl_early_stop_stops_the_update(policy_dir, tmp_path):
+    # a tiny target: the first minibatch's step (ratio 1, approx_kl ~ 0) runs, the second minibatch's KL is above it
+    _train(_cfg(policy_dir, tmp_path / "stop", total_updates=2, epochs=3, target_kl=1e-9))
+    _train(_cfg(policy_dir, tmp_path / "free", total_updates=2, epochs=3))
+    stop, free = _metrics(tmp_path / "stop"), _metrics(tmp_path / "free")
+    steps_per_update = 3 * (8 // 4)  # epochs x minibatches
+    assert all(r["optimizer_steps"] == steps_per_update and r["early_stopped"] == 0 for r in free)
+    assert all(r["early_stopped"] == 1 and r["epochs_done"] == 0 for r in stop)
+    assert all(1 <= r["optimizer_steps"] < steps_per_update for r in stop)
+    assert stop[0]["optimizer_steps"] == 1 and stop[0]["approx_kl"] <= 1e-9
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_copied_run_works_on_the_copy_only(policy_dir, tmp_path):
+    import shutil
+
+    from proxrl.cli import main
+
+    (tmp_path / "p.jsonl").write_text("".join(f'{{"prompt": "{p}"}}\n' for p in PROMPTS))
+    (tmp_path / "r.py").write_text("def score(prompts, completions):\n"
+                                   "    return [float(c.count('a')) for c in completions]\n")
+    common = ["--policy", str(policy_dir), "--prompts", str(tmp_path / "p.jsonl"), "--reward-fn",
+              f"{tmp_path / 'r.py'}:score", "--rollout-size", "4", "--minibatch-size", "4", "--epochs", "1",
+              "--max-new-tokens", "4", "--checkpoint-every", "1", "--keep-checkpoints", "5", "--plot", "false"]
+    run_a, run_b = tmp_path / "runA", tmp_path / "runB"
+    assert main(["ppo", *common, "--run-dir", str(run_a), "--total-updates", "2"]) == 0
+    shutil.copytree(run_a, run_b)
+    before = _files(run_a)
+    assert main(["ppo", "--resume", str(run_b), "--total-updates", "4"]) == 0
+    assert _files(run_a) == before  # the original is untouched, byte for byte
+    assert [r["step"] for r in _metrics(run_b)] == [1, 2, 3, 4]
+    assert (run_b / "checkpoints" / "step_000000004").is_dir()
+    from proxrl.runs import RunDir
+
+    assert RunDir(run_b).read_config()["run_dir"] == str(run_b)
+
+
+def test_resume_rewrites_no_sample_table_and_refuses_fewer_updates(policy_dir, tmp_path, capsys):
+    import shutil
+
+    from proxrl.runs import RunDir
+
+    run = tmp_path / "run"
+    cfg = _cfg(policy_dir, run, total_updates=4, checkpoint_every=2, keep_checkpoints=5, sample_every=1,
+               sample_rows=1)
+    _train(cfg)
+    tables = (run / "samples.md").read_text().count("### update")
+    assert tables == 4
+    # as if the run had been killed after update 4 but before its last checkpoint: the newest one is update 2
+    shutil.rmtree(run / "checkpoints" / "step_000000004")
+    _train(cfg, resume=True)
+    text = (run / "samples.md").read_text()
+    assert [int(x) for x in __import__("re").findall(r"### update (\d+)", text)] == [1, 2, 3, 4], text
+    # a total below the updates already done is refused, and config.yaml is not rewritten by a refused resume
+    config = (run / "config.yaml").read_bytes()
+    with pytest.raises(UserError, match="below the 4 updates") as e:
+        _train(_cfg(policy_dir, run, total_updates=3, checkpoint_every=2, keep_checkpoints=5), resume=True)
+    assert "\n" not in str(e.value)
+    assert (run / "config.yaml").read_bytes() == config
+    with pytest.raises(UserError, match="no config.yaml|holds no run"):
+        _train(_cfg(policy_dir, tmp_path / "nothing", total_updates=2), resume=True)
+    assert not (tmp_path / "nothing" / "config.yaml").exists()
+    assert RunDir(run).read_config()["total_updates"] == 4

@@ -7,12 +7,16 @@ import textwrap
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np
 import pytest
 import torch
 
-from proxrl.errors import UserError
-from proxrl.lm import models as M
+from proxrl.errors import UserCodeError, UserError
+from proxrl.lm.builders import build_tiny_gpt2, scalar_model_from_causal
+from proxrl.lm.heads import token_values
+from proxrl.lm.loading import load_scalar_model, save_model_and_tokenizer
 from proxrl.lm.rewards import RewardModelScorer, call_reward_fn, load_reward_fn
+from proxrl.lm.tokenization import train_bpe_tokenizer
 
 torch.set_num_threads(1)
 
@@ -103,7 +107,8 @@ def test_call_errors_name_the_sample(reward_file):
     assert "returned nan for sample 2" in msg
     msg = err(call_reward_fn, load_reward_fn(f"{reward_file}:inf_at_1"), prompts, comps)
     assert "returned inf for sample 1" in msg
-    assert "not numbers" in err(call_reward_fn, load_reward_fn(f"{reward_file}:strings"), prompts, comps)
+    msg = err(call_reward_fn, load_reward_fn(f"{reward_file}:strings"), prompts, comps)
+    assert "returned 'x' (str, not a real number) for sample 0" in msg
     assert "on no single sample" in err(call_reward_fn, load_reward_fn(f"{reward_file}:batch_only"), prompts, comps)
     assert "a single number" in err(call_reward_fn, lambda p, c: 1.0, prompts, comps)
 
@@ -118,16 +123,75 @@ def test_call_accepts_tensors_arrays_and_extra_columns(reward_file):
     assert call_reward_fn(fn, ["q", "q"], ["4", "5"], answer=["4", "4"]).tolist() == [1.0, 0.0]
 
 
+@pytest.mark.parametrize("value, shown", [("1.5", "'1.5' (str"), (True, "True (bool"), (None, "None (NoneType"),
+                                           ([1.0], "[1.0] (list")])
+def test_values_that_are_not_real_numbers_are_refused_with_the_sample(value, shown):
+    def fn(prompts, completions):
+        return [0.5, 2, value, 1.0]
+
+    msg = err(call_reward_fn, fn, ["p"] * 4, ["c"] * 4)
+    assert f"returned {shown}, not a real number) for sample 2" in msg
+    for bad in (torch.tensor([True, False]), np.array(["1.5", "2"]), np.array([1 + 2j, 1j])):
+        assert "not real numbers" in err(call_reward_fn, lambda p, c, b=bad: b, ["p"] * 2, ["c"] * 2)
+    # real numbers of every kind are fine: int, float, numpy scalars, one-element tensors
+    got = call_reward_fn(lambda p, c: [1, 2.5, np.float32(0.25), np.int64(3), torch.tensor(4.0)], ["p"] * 5,
+                         ["c"] * 5)
+    assert got.tolist() == [1.0, 2.5, 0.25, 3.0, 4.0]
+
+
+def test_user_code_failures_are_user_code_errors(reward_file):
+    e = pytest.raises(UserCodeError, call_reward_fn, load_reward_fn(f"{reward_file}:picky"), ["p"], ["bad"])
+    assert e.value.exit_code == 1 and "raised ValueError on sample 0" in str(e.value)
+
+    def exits(prompts, completions):
+        raise SystemExit(3)
+
+    def interrupts(prompts, completions):
+        raise KeyboardInterrupt
+
+    for fn, name in ((exits, "SystemExit: 3"), (interrupts, "KeyboardInterrupt")):
+        for timeout in (None, 5.0):
+            if fn is interrupts and timeout is None:
+                continue  # in the caller's thread it may be the user's Ctrl-C: it is left alone
+            e = pytest.raises(UserCodeError, call_reward_fn, fn, ["p", "q"], ["a", "b"], timeout=timeout)
+            msg = str(e.value)
+            assert e.value.exit_code == 1 and "\n" not in msg and f"raised {name} on the batch of 2" in msg, msg
+            assert "not exit or interrupt the run" in msg
+    with pytest.raises(KeyboardInterrupt):
+        call_reward_fn(interrupts, ["p"], ["a"])
+
+
+def test_reward_function_that_never_returns_times_out():
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def hangs(prompts, completions):
+        release.wait(60)
+        return [0.0] * len(completions)
+
+    t0 = time.perf_counter()
+    e = pytest.raises(UserCodeError, call_reward_fn, hangs, ["p"], ["a"], timeout=0.3)
+    assert time.perf_counter() - t0 < 5
+    msg = str(e.value)
+    assert e.value.exit_code == 1 and "did not return within 0.3 s on the batch of 1" in msg
+    assert "--reward-timeout" in msg and "\n" not in msg
+    release.set()
+    # a function that returns in time runs in the worker thread and is scored as usual
+    assert call_reward_fn(lambda p, c: [float(len(x)) for x in c], ["p"], ["abc"], timeout=5.0).tolist() == [3.0]
+
+
 @pytest.fixture(scope="module")
 def tok():
-    return M.train_bpe_tokenizer(TEXTS, 280)
+    return train_bpe_tokenizer(TEXTS, 280)
 
 
 @pytest.fixture(scope="module")
 def rm_dir(tok, tmp_path_factory):
     d = tmp_path_factory.mktemp("rm")
-    rm = M.scalar_model_from_causal(M.build_tiny_gpt2(tok, 2, 32, 2, seed=0), head_std=0.5)
-    M.save_model_and_tokenizer(rm, tok, d)
+    rm = scalar_model_from_causal(build_tiny_gpt2(tok, 2, 32, 2, seed=0), head_std=0.5)
+    save_model_and_tokenizer(rm, tok, d)
     return d
 
 
@@ -136,7 +200,7 @@ def test_scorer_reads_explicit_last_index(tok, rm_dir):
     ids, mask = s.encode(["The quick", ""], [" brown fox", "A reward"])
     assert mask[1, 0] == 0 and (ids[:, -1] == tok.eos_token_id).all()  # left padded, EOS appended
     scores = s.score_ids(ids, mask)
-    vals = M.token_values(s.model, ids, mask)
+    vals = token_values(s.model, ids, mask)
     assert torch.allclose(scores, vals[:, -1], atol=1e-6)
     assert torch.allclose(s.score_ids(ids, mask, torch.tensor([2, 3])), vals[torch.arange(2), torch.tensor([2, 3])])
     # same text alone (no padding) scores the same: padding and pad == eos do not matter
@@ -152,12 +216,12 @@ def test_scorer_reads_explicit_last_index(tok, rm_dir):
 
 def test_scorer_vocab_checks(tok, rm_dir, tmp_path):
     RewardModelScorer(rm_dir, policy_tokenizer=tok)
-    other = M.train_bpe_tokenizer(["entirely different words here"] * 30, 280)
+    other = train_bpe_tokenizer(["entirely different words here"] * 30, 280)
     msg = err(RewardModelScorer, rm_dir, policy_tokenizer=other)
     assert "different tokenizer" in msg
-    bigger = M.train_bpe_tokenizer(TEXTS + ["zebra quartz xylophone jukebox"] * 10, 320)
+    bigger = train_bpe_tokenizer(TEXTS + ["zebra quartz xylophone jukebox"] * 10, 320)
     assert len(bigger) > 280
-    model = M.load_scalar_model(rm_dir)
+    model = load_scalar_model(rm_dir)
     msg = err(RewardModelScorer, model, bigger)
     assert str(len(bigger)) in msg and "rows" in msg
     # a directory without fingerprint but with a saved tokenizer is still checked

@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from proxrl.errors import UserError
+from proxrl.lm.generation import generate
+from proxrl.lm.loading import load_causal_lm
+from proxrl.lm.positions import left_pad
 from proxrl.lm.tasks import smollm as S
+from proxrl.lm.tokenization import check_tokenizer_fits, load_tokenizer
 
 
 def _installed() -> bool:
@@ -40,10 +44,6 @@ def test_missing_wheel_is_a_one_line_user_error(monkeypatch):
 def test_export_load_greedy_matches_gguf(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    from proxrl.lm import models as M
-    from proxrl.lm.generation import generate
-    from proxrl.lm.rollout import left_pad
-
     gguf_model, gguf_tok = S.load_gguf_smollm2()
     assert type(gguf_model).__name__ == "LlamaForCausalLM"
     assert sum(p.numel() for p in gguf_model.parameters()) == pytest.approx(134.5e6, rel=0.01)
@@ -55,11 +55,11 @@ def test_export_load_greedy_matches_gguf(tmp_path, monkeypatch):
 
     out = S.save_plain(gguf_model, gguf_tok, tmp_path / "smollm2")
     del gguf_model
-    tok = M.load_tokenizer(out)
-    model = M.load_causal_lm(out)
+    tok = load_tokenizer(out)
+    model = load_causal_lm(out)
     assert len(tok) == 49152 and tok.padding_side == "left"
     assert tok(prompts[0], add_special_tokens=False)["input_ids"] == gguf_tok(prompts[0], add_special_tokens=False)["input_ids"]
-    M.check_tokenizer_fits(model, tok, out)
+    check_tokenizer_fits(model, tok, out)
     with torch.no_grad():
         got = generate(model, ids, mask, max_new_tokens=6, temperature=0.0, tokenizer=tok)
     assert torch.equal(got.sequences, want.sequences)

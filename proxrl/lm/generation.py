@@ -1,9 +1,9 @@
 """Batched sampling from a causal LM with a hand-written KV-cache loop (the PPO rollout's generator).
 
 One prefill forward over the left-padded prompts, then one single-token forward per step reusing the KV cache.
-Position ids come from the attention mask (``cumsum(mask) - 1``), exactly as :func:`proxrl.lm.models.
-response_logprobs` and every later PPO forward compute them, so the log-probs recorded here are reproduced by a
-full forward pass over the finished sequences (PPO's ratio is 1 before the first update).
+Position ids come from the attention mask (``cumsum(mask) - 1``), exactly as
+:func:`proxrl.lm.logprobs.response_forward` and every later PPO forward compute them, so the log-probs recorded here
+are reproduced by a full forward pass over the finished sequences (PPO's ratio is 1 before the first update).
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 
 from proxrl.errors import UserError
-from proxrl.lm.models import PolicyWithValueHead, _unwrap, logprobs_from_logits, position_ids_from_mask
+from proxrl.lm.heads import PolicyWithValueHead, unwrap_model
+from proxrl.lm.logprobs import logprobs_from_logits
+from proxrl.lm.positions import position_ids_from_mask
 
 
 @dataclass
@@ -101,7 +103,7 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
     """Sample up to ``max_new_tokens`` tokens for each left-padded prompt.
 
     Args:
-        model: a causal LM (HF, PEFT-wrapped, or :class:`~proxrl.lm.models.PolicyWithValueHead`).
+        model: a causal LM (HF, PEFT-wrapped, or :class:`~proxrl.lm.heads.PolicyWithValueHead`).
         input_ids: (B, P) long, LEFT-padded prompts.  attention_mask: (B, P) 0/1.
         max_new_tokens: R_max >= 1.
         temperature: > 0 samples from ``softmax(logits / temperature)`` (after top-k/top-p filtering);
@@ -139,7 +141,7 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
                          f"must both be (B, P)")
     if isinstance(model, PolicyWithValueHead):
         model = model.policy
-    base = _unwrap(model)
+    base = unwrap_model(model)
     cache_kw = _cache_kw(base)
     if eos_token_id is None:
         eos_ids: list[int] = []

@@ -2,25 +2,34 @@
 
 Defaults follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") /
 Ouyang et al. 2022 (InstructGPT) where those papers give a value, else TRL's PPOTrainer; each help text
-says where its default comes from. Derived sizes live in :class:`PPOSizes` (never written back).
+says where its default comes from. Derived values live apart and are never written back: sizes in
+:class:`PPOSizes`, options whose default depends on other options in :class:`ResolvedOptions`.
+
+Light on purpose (no torch, no transformers): ``proxrl ppo --help`` builds its flags from this module.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from proxrl.config import check, opt
 
 
 @dataclass
 class PPOConfig:
-    """Options of :func:`proxrl.lm.ppo.train_ppo` (one ``proxrl ppo --flag`` each)."""
+    """Options of :func:`proxrl.lm.ppo_trainer.train_ppo` (one ``proxrl ppo --flag`` each)."""
+
+    # the options ``proxrl ppo --resume RUN_DIR`` may change; any other given option must equal the run's own
+    resumable_fields: ClassVar[frozenset[str]] = frozenset({
+        "total_updates", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_rows", "plot", "threads",
+        "reward_timeout"})
 
     # ---- models and data
     policy: str = opt("", "directory of the causal LM to fine-tune (HF format, e.g. an SFT run's output); also the frozen reference")
     reward_model: str | None = opt(None, "directory of a scalar reward model (proxrl reward-model output); give this or --reward-fn")
     reward_fn: str | None = opt(None, "reward function 'pkg.module:func' or 'path/file.py:func' called as func(prompts, completions) -> list of floats")
+    reward_timeout: float = opt(300.0, "seconds a reward function may take for one batch before the run stops with an error (it runs in a worker thread)")
     critic: str = opt("policy", "value model: a directory of a scalar (seq-cls) model, or 'policy' to initialise it from the policy's trunk (TRL/InstructGPT init from the RM; 'policy' needs no extra model)")
     value_head_on_policy: bool = opt(False, "put the value head on the policy's trunk (shared weights, one forward for logits and values) instead of a separate critic")
     prompts: str = opt("", "prompts: a JSONL file with a 'prompt' key per line, or a built-in task name (the Python API also takes a list of strings)")
@@ -40,13 +49,13 @@ class PPOConfig:
     lr_schedule: Literal["constant", "linear"] = opt("constant", "learning-rate schedule over updates ('linear' decays to 0 like TRL's default)")
     weight_decay: float = opt(0.0, "AdamW weight decay (TRL: 0)")
     max_grad_norm: float | None = opt(1.0, "clip each model's gradient norm to this (TRL max_grad_norm = 1.0); None = no clipping")
-    target_kl: float | None = opt(None, "stop the update's remaining epochs once a minibatch's policy_kl (k3 of old||new) exceeds this; None = off")
+    target_kl: float | None = opt(None, "skip the step and stop the update's remaining minibatches and epochs once a minibatch's approx_kl (k3 of KL(old || new)) exceeds this (CleanRL's threshold, checked before each step like SB3, which compares with 1.5 * target_kl); None = off")
     # ---- PPO
     gamma: float = opt(1.0, "discount over response tokens, in (0, 1] (Ziegler et al. 2019: 1)")
     gae_lambda: float = opt(0.95, "GAE lambda over tokens, in [0, 1] (Ziegler et al. 2019 / TRL: 0.95)")
     clip_coef: float = opt(0.2, "PPO ratio clip epsilon (Schulman et al. 2017 / Ziegler et al. 2019: 0.2)")
     value_clip_coef: float | None = opt(0.2, "clip the value prediction to +-this around the rollout value (TRL cliprange_value = 0.2); None = unclipped")
-    value_coef: float = opt(0.1, "weight of the value loss (TRL vf_coef = 0.1)")
+    value_coef: float = opt(0.1, "weight of the value loss (TRL vf_coef = 0.1). proxrl's value loss has a 0.5 factor inside (0.5 * (V - return)^2, as TRL and CleanRL), so 0.5 here is CleanRL's effective weight and half of SB3's (SB3 uses the plain MSE)")
     entropy_coef: float = opt(0.0, "weight of the entropy bonus (RLHF recipes: 0)")
     advantage_estimator: Literal["gae", "grpo", "rloo"] = opt("gae", "'gae': PPO with a critic over tokens; 'grpo': group-normalised sequence scores (Shao et al. 2024), no critic; 'rloo': leave-one-out baseline (Ahmadian et al. 2024), no critic")
     whiten_rewards: bool = opt(False, "scale per-token rewards by their masked std before GAE (TRL whiten_rewards, default False)")
@@ -135,6 +144,7 @@ class PPOConfig:
         check(not (self.reward_model and self.reward_fn),
               f"give either reward_model={self.reward_model!r} or reward_fn={self.reward_fn!r}, not both")
         check(self.critic != "", "critic is empty; give a directory or 'policy'")
+        check(_pos(self.reward_timeout), f"reward_timeout={self.reward_timeout} must be > 0 seconds")
 
 
 def _pos(x: float) -> bool:
@@ -143,31 +153,39 @@ def _pos(x: float) -> bool:
 
 @dataclass(frozen=True)
 class PPOSizes:
-    """Quantities derived from a :class:`PPOConfig` (never written back into it)."""
+    """Batch sizes derived from a :class:`PPOConfig` (never written back into it)."""
 
     batch_size: int          # sequences per rollout = rollout_size * group_size
     num_minibatches: int     # optimizer steps per epoch
     micro_batch_size: int    # sequences per forward/backward
-    kl_mode: str             # "reward" | "loss"
-    kl_estimator: str        # "k1" | "k2" | "k3"
-    uses_critic: bool        # GAE needs values; GRPO/RLOO do not
-    stop_strings: tuple[str, ...]
-    critic_learning_rate: float
 
     @classmethod
     def from_config(cls, cfg: PPOConfig) -> "PPOSizes":
         batch = cfg.rollout_size * cfg.group_size
+        return cls(batch_size=batch, num_minibatches=batch // cfg.minibatch_size,
+                   micro_batch_size=cfg.minibatch_size // cfg.grad_accum_steps)
+
+
+@dataclass(frozen=True)
+class ResolvedOptions:
+    """The options of a :class:`PPOConfig` whose value depends on other options, resolved once."""
+
+    kl_mode: str                    # "reward" | "loss" (cfg.kl_mode, or by advantage estimator)
+    kl_estimator: str               # "k1" | "k2" | "k3" (cfg.kl_estimator, or by KL mode)
+    uses_critic: bool               # GAE needs values; GRPO/RLOO do not
+    stop_strings: tuple[str, ...]   # cfg.stop_strings split at commas, "\\n" read as a newline
+    critic_learning_rate: float     # cfg.critic_learning_rate, or cfg.learning_rate
+
+    @classmethod
+    def from_config(cls, cfg: PPOConfig) -> "ResolvedOptions":
         kl_mode = cfg.kl_mode or ("loss" if cfg.advantage_estimator == "grpo" else "reward")
-        kl_est = cfg.kl_estimator or ("k3" if kl_mode == "loss" else "k1")
         # "\\n" typed on a command line means a newline
         stops = tuple(p.replace("\\n", "\n") for p in cfg.stop_strings.split(",") if p) if cfg.stop_strings else ()
         return cls(
-            batch_size=batch,
-            num_minibatches=batch // cfg.minibatch_size,
-            micro_batch_size=cfg.minibatch_size // cfg.grad_accum_steps,
             kl_mode=kl_mode,
-            kl_estimator=kl_est,
+            kl_estimator=cfg.kl_estimator or ("k3" if kl_mode == "loss" else "k1"),
             uses_critic=cfg.advantage_estimator == "gae",
             stop_strings=stops,
-            critic_learning_rate=cfg.critic_learning_rate if cfg.critic_learning_rate is not None else cfg.learning_rate,
+            critic_learning_rate=(cfg.critic_learning_rate if cfg.critic_learning_rate is not None
+                                  else cfg.learning_rate),
         )

@@ -1,38 +1,43 @@
 """Rewards for RLHF: user reward functions ("module:function") and a trained reward model scorer.
 
-A reward function takes two lists of strings and returns one float per completion::
+A reward function takes two lists of strings and returns one real number per completion::
 
     def reward(prompts: list[str], completions: list[str]) -> list[float]: ...
 
-Every failure mode (import error, exception on some sample, wrong count, NaN/inf) becomes a one-line
-:class:`~proxrl.errors.UserError` naming the function, the sample index and what to do.
+Every failure mode becomes a one-line error naming the function, the sample index and what to do: a bad value
+(wrong count, a value that is not a real number such as ``"1.5"``, ``True`` or ``None``, NaN/inf) is a
+:class:`~proxrl.errors.UserError` (exit 2); a failure inside the function (an import error, an exception, a
+``sys.exit()`` / ``KeyboardInterrupt`` it raises, or not returning within the timeout) is a
+:class:`~proxrl.errors.UserCodeError` (exit 1).
+
+Timeout: with ``timeout`` set, :func:`call_reward_fn` runs the function in a daemon worker thread and waits at
+most ``timeout`` seconds for it (a thread, not ``signal.alarm``: it works in any thread and on any OS). A function
+that does not return in time cannot be stopped from outside; it is abandoned, keeps running in the background
+until it returns or the process exits, and the run stops with the one-line error.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
 import importlib.util
-import math
+import numbers
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from proxrl.errors import UserError
+from proxrl.errors import UserCodeError, UserError
+from proxrl.lm.heads import sequence_scores, unwrap_model
+from proxrl.lm.loading import load_scalar_model
+from proxrl.lm.messages import describe, one_line, short_repr
+from proxrl.lm.positions import last_token_index
+from proxrl.lm.tokenization import check_tokenizer_fits, saved_tokenizer, tokenizer_fingerprint
 
 __all__ = ["RewardFunction", "load_reward_fn", "call_reward_fn", "RewardModelScorer"]
-
-
-def _one_line(text: Any, limit: int = 200) -> str:
-    msg = " ".join(str(text).split())
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-def _short(text: str, limit: int = 40) -> str:
-    text = str(text)
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 class RewardFunction:
@@ -66,8 +71,8 @@ def _import_file(path_str: str, spec: str) -> Any:
         mod_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - anything the user's file raises while importing
         sys.modules.pop(name, None)
-        raise UserError(f"reward function {spec}: importing {path_str!r} raised {type(e).__name__}: "
-                        f"{_one_line(e)}; fix the file") from e
+        raise UserCodeError(f"reward function {spec}: importing {path_str!r} raised {type(e).__name__}: "
+                            f"{one_line(e)}; fix the file") from e
     return module
 
 
@@ -78,11 +83,11 @@ def _import_module(mod_name: str, spec: str) -> Any:
         if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
             raise UserError(f"reward function {spec}: no module named {mod_name!r} (is it installed / on "
                             f"PYTHONPATH?); {_SPEC_HELP}") from e
-        raise UserError(f"reward function {spec}: importing {mod_name!r} failed: {_one_line(e)}; install the "
+        raise UserError(f"reward function {spec}: importing {mod_name!r} failed: {one_line(e)}; install the "
                         f"missing dependency") from e
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"reward function {spec}: importing {mod_name!r} raised {type(e).__name__}: "
-                        f"{_one_line(e)}; fix the module") from e
+        raise UserCodeError(f"reward function {spec}: importing {mod_name!r} raised {type(e).__name__}: "
+                            f"{one_line(e)}; fix the module") from e
 
 
 def load_reward_fn(spec: str) -> RewardFunction:
@@ -120,42 +125,113 @@ def _name(fn: Callable[..., Any]) -> str:
     return f"{mod}:{qual}" if mod else qual
 
 
-def call_reward_fn(fn: Callable[..., Any], prompts: Sequence[str], completions: Sequence[str],
-                   **extra: Sequence[Any]) -> Tensor:
+def call_reward_fn(fn: Callable[..., Any], prompts: Sequence[str], completions: Sequence[str], *,
+                   timeout: float | None = None, **extra: Sequence[Any]) -> Tensor:
     """Score ``completions`` with a user reward function: ``fn(prompts, completions, **extra)`` -> (B,) float32.
 
     ``extra`` holds optional per-sample lists (e.g. reference answers) passed through as keyword arguments.
+    ``timeout``: seconds to wait for each call (None: call directly, no limit); see the module docstring.
 
     Raises:
-        UserError: if ``fn`` raises (it is then called again one sample at a time to name the first failing
-        sample), returns something that is not B numbers, or returns NaN/inf (naming the sample and value).
+        UserCodeError: ``fn`` raises (it is then called again one sample at a time to name the first failing
+            sample), raises ``SystemExit`` / ``KeyboardInterrupt``, or does not return within ``timeout``.
+        UserError: ``fn`` returns something that is not B real numbers, or NaN/inf (naming the sample and value).
     """
     name = _name(fn)
     prompts, completions = list(prompts), list(completions)
     n = len(completions)
     if len(prompts) != n:
         raise ValueError(f"{len(prompts)} prompts but {n} completions")
-    try:
-        raw = fn(prompts, completions, **extra)
-    except Exception as batch_err:  # noqa: BLE001 - locate the failing sample
+    raw, batch_err = _run(fn, name, timeout, f"the batch of {n}", prompts, completions, **extra)
+    if batch_err is not None:  # locate the failing sample
         for i in range(n):
-            try:
-                fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in extra.items()})
-            except Exception as e:  # noqa: BLE001
-                raise UserError(f"reward function {name} raised {type(e).__name__} on sample {i} (prompt "
-                                f"{_short(prompts[i])}, completion {_short(completions[i])}): {_one_line(e)}"
-                                ) from e
-        raise UserError(f"reward function {name} raised {type(batch_err).__name__} on the batch of {n} but on no "
-                        f"single sample: {_one_line(batch_err)}") from batch_err
-    try:
-        if isinstance(raw, Tensor):
-            scores = raw.detach().to(device="cpu", dtype=torch.float32)
-        else:
-            scores = torch.as_tensor(raw if not isinstance(raw, (list, tuple)) else [float(x) for x in raw],
-                                     dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"reward function {name} returned {type(raw).__name__} ({_one_line(raw, 60)}), not "
-                        f"numbers; return one float per completion") from e
+            _, e = _run(fn, name, timeout, f"sample {i}", [prompts[i]], [completions[i]],
+                        **{k: [v[i]] for k, v in extra.items()})
+            if e is not None:
+                raise UserCodeError(f"reward function {name} raised {type(e).__name__} on sample {i} (prompt "
+                                    f"{short_repr(prompts[i])}, completion {short_repr(completions[i])}): "
+                                    f"{one_line(e)}") from e
+        raise UserCodeError(f"reward function {name} raised {type(batch_err).__name__} on the batch of {n} but on "
+                            f"no single sample: {one_line(batch_err)}") from batch_err
+    scores = _as_scores(raw, name, n)
+    bad = (~torch.isfinite(scores)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise UserError(f"reward function {name} returned {scores[i].item()} for sample {i} (prompt "
+                        f"{short_repr(prompts[i])}, completion {short_repr(completions[i])}); return finite floats")
+    return scores
+
+
+def _run(fn: Callable[..., Any], name: str, timeout: float | None, what: str, *args: Any,
+         **kwargs: Any) -> tuple[Any, Exception | None]:
+    """``(fn(*args, **kwargs), None)``, or ``(None, exception)`` if it raised an Exception.
+
+    SystemExit / KeyboardInterrupt (and other BaseExceptions) raised by ``fn`` and a call running past ``timeout``
+    seconds become a UserCodeError. Without ``timeout`` the call runs in this thread and a KeyboardInterrupt is
+    left alone (it may be the user's Ctrl-C); with one, it runs in a daemon worker thread (Ctrl-C still reaches
+    this thread, which is only waiting).
+    """
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - whatever user code raises is reported below
+            box["error"] = e
+
+    if timeout is None:
+        try:
+            return fn(*args, **kwargs), None
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001
+            return None, e
+        except BaseException as e:  # noqa: BLE001 - SystemExit, GeneratorExit
+            box["error"] = e
+    else:
+        worker = threading.Thread(target=work, name="proxrl-reward-function", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            raise UserCodeError(f"reward function {name} did not return within {timeout:g} s on {what}; make it "
+                                f"faster, or allow more time with --reward-timeout SECONDS")
+    err = box.get("error")
+    if err is None:
+        return box.get("value"), None
+    if isinstance(err, Exception):
+        return None, err
+    raise UserCodeError(f"reward function {name} raised {describe(err)} on {what}; a reward function must "
+                        f"return one score per completion, not exit or interrupt the run") from err
+
+
+def _is_real(x: Any) -> bool:
+    """A real number: int/float (numpy's too) or a one-element real tensor; not a bool, string or None."""
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and not x.dtype.is_complex and x.dtype != torch.bool
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _as_scores(raw: Any, name: str, n: int) -> Tensor:
+    """``raw`` as a (B,) float32 tensor; UserError naming the first value that is not a real number."""
+    fix = "return one real number (int or float) per completion"
+    if isinstance(raw, (Tensor, np.ndarray)):
+        real = (raw.dtype != torch.bool and not raw.dtype.is_complex) if isinstance(raw, Tensor) \
+            else raw.dtype.kind in "fiu"
+        if not real:
+            raise UserError(f"reward function {name} returned a {type(raw).__name__} of {raw.dtype}, not real "
+                            f"numbers; {fix}")
+        scores = torch.as_tensor(raw.detach() if isinstance(raw, Tensor) else raw).to("cpu", torch.float32)
+    elif isinstance(raw, (list, tuple)):
+        for i, x in enumerate(raw):
+            if not _is_real(x):
+                raise UserError(f"reward function {name} returned {one_line(repr(x), 40)} ({type(x).__name__}, "
+                                f"not a real number) for sample {i}; {fix}")
+        scores = torch.tensor([float(x) for x in raw], dtype=torch.float32)
+    elif _is_real(raw):
+        scores = torch.tensor(float(raw), dtype=torch.float32)
+    else:
+        raise UserError(f"reward function {name} returned {type(raw).__name__} ({one_line(raw, 60)}), not a list "
+                        f"of numbers; {fix}")
     if scores.dim() == 2 and scores.shape[1] == 1:
         scores = scores[:, 0]
     if scores.dim() != 1 or scores.shape[0] != n:
@@ -164,11 +240,6 @@ def call_reward_fn(fn: Callable[..., Any], prompts: Sequence[str], completions: 
             got = f"{scores.shape[0]} scores"
         raise UserError(f"reward function {name} returned {got} for {n} completions; expected {n} scores, one "
                         f"float per completion")
-    bad = (~torch.isfinite(scores)).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
-        raise UserError(f"reward function {name} returned {scores[i].item()} for sample {i} (prompt "
-                        f"{_short(prompts[i])}, completion {_short(completions[i])}); return finite floats")
     return scores
 
 
@@ -188,28 +259,26 @@ class RewardModelScorer:
 
     def __init__(self, model: Any, tokenizer: Any = None, *, policy_tokenizer: Any = None,
                  model_dir: str | Path | None = None, dtype: Any = None, trust_remote_code: bool = False) -> None:
-        from proxrl.lm import models as M
-
         if isinstance(model, (str, Path)):
             model_dir = Path(model)
-            model = M.load_scalar_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = load_scalar_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         if tokenizer is None and model_dir is not None:
-            tokenizer = M._saved_tokenizer(Path(model_dir))
+            tokenizer = saved_tokenizer(model_dir)
         if tokenizer is None and policy_tokenizer is None:
             raise UserError("RewardModelScorer needs a tokenizer: none was given and none is saved next to the "
                             "reward model; pass tokenizer=")
         if tokenizer is not None and policy_tokenizer is not None:
-            if M.tokenizer_fingerprint(tokenizer) != M.tokenizer_fingerprint(policy_tokenizer):
+            if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(policy_tokenizer):
                 where = f" in {str(model_dir)!r}" if model_dir is not None else ""
                 raise UserError(f"the reward model{where} uses a different tokenizer than the policy (len "
                                 f"{len(tokenizer)} vs {len(policy_tokenizer)}); train the reward model with the "
                                 f"policy's tokenizer")
         self.tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
-        M.check_tokenizer_fits(model, self.tokenizer, model_dir, what="reward model")
+        check_tokenizer_fits(model, self.tokenizer, model_dir, what="reward model")
         if policy_tokenizer is not None and policy_tokenizer is not self.tokenizer:
-            M.check_tokenizer_fits(model, policy_tokenizer, model_dir, what="reward model")
+            check_tokenizer_fits(model, policy_tokenizer, model_dir, what="reward model")
         self.model = model.eval()
-        self.vocab_rows = M._unwrap(model).get_input_embeddings().weight.shape[0]
+        self.vocab_rows = unwrap_model(model).get_input_embeddings().weight.shape[0]
 
     @torch.no_grad()
     def score_ids(self, input_ids: Tensor, attention_mask: Tensor, last_index: Tensor | None = None,
@@ -218,15 +287,13 @@ class RewardModelScorer:
 
         ``prompts``/``completions`` are accepted for call-site symmetry with reward functions and unused.
         """
-        from proxrl.lm import models as M
-
         hi = int(input_ids.max()) if input_ids.numel() else 0
         if hi >= self.vocab_rows or (input_ids.numel() and int(input_ids.min()) < 0):
             raise UserError(f"token id {hi} is outside the reward model's vocabulary of {self.vocab_rows}; use the "
                             f"tokenizer the reward model was trained with")
         if last_index is None:
-            last_index = M.last_token_index(attention_mask)
-        return M.sequence_scores(self.model, input_ids, attention_mask, last_index)
+            last_index = last_token_index(attention_mask)
+        return sequence_scores(self.model, input_ids, attention_mask, last_index)
 
     def encode(self, prompts: Sequence[str], completions: Sequence[str], append_eos: bool = True,
                max_length: int | None = None) -> tuple[Tensor, Tensor]:
@@ -263,8 +330,8 @@ class RewardModelScorer:
         bad = (~torch.isfinite(scores)).nonzero().flatten()
         if bad.numel():
             i = int(bad[0])
-            raise UserError(f"reward model returned {scores[i].item()} for sample {i} (prompt {_short(prompts[i])}); "
-                            f"check the reward model weights")
+            raise UserError(f"reward model returned {scores[i].item()} for sample {i} (prompt "
+                            f"{short_repr(prompts[i])}); check the reward model weights")
         return scores
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:

@@ -1,4 +1,4 @@
-"""Rollouts for PPO on a causal LM: sample, score, and turn scores into per-token rewards and advantages.
+"""Rollouts for PPO on a causal LM: sample completions, score them, and run the no-grad forwards PPO needs.
 
 One rollout costs exactly:
 
@@ -13,7 +13,8 @@ One rollout costs exactly:
 
 Layout: prompts are LEFT padded to a common length ``P``; responses follow at ``[P, P + R)``.
 ``attention_mask`` (B, P+R) and ``response_mask`` (B, R) are explicit everywhere and never derived from the
-pad id (pad may equal eos). The response mask includes the EOS token itself.
+pad id (pad may equal eos). The response mask includes the EOS token itself. Turning scores into per-token
+rewards and advantages is the update's first step (:func:`proxrl.lm.ppo.compute_advantages`).
 """
 from __future__ import annotations
 
@@ -25,22 +26,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from proxrl.core import gae, kl_estimate, normalize
+from proxrl.lm.generation import generate
+from proxrl.lm.heads import PolicyWithValueHead
+from proxrl.lm.logprobs import critic_values, response_forward
+from proxrl.lm.positions import last_token_index
+from proxrl.lm.reference import reference_context
 
-__all__ = [
-    "Rollout",
-    "ModelSet",
-    "left_pad",
-    "last_response_index",
-    "response_forward",
-    "critic_values",
-    "collect_rollout",
-    "token_rewards",
-    "token_gae",
-    "whiten_token_rewards",
-    "per_token_kl",
-    "autocast_ctx",
-]
+__all__ = ["Rollout", "ModelSet", "collect_rollout", "autocast_ctx"]
 
 
 def autocast_ctx(bf16: bool) -> contextlib.AbstractContextManager:
@@ -52,10 +44,10 @@ def autocast_ctx(bf16: bool) -> contextlib.AbstractContextManager:
 class ModelSet:
     """The models PPO needs.
 
-    policy: causal LM (maybe PEFT LoRA), or a :class:`~proxrl.lm.models.PolicyWithValueHead` (shared-trunk
+    policy: causal LM (maybe PEFT LoRA), or a :class:`~proxrl.lm.heads.PolicyWithValueHead` (shared-trunk
     critic: one forward gives logits and values). ref: the reference model from
-    :func:`~proxrl.lm.models.reference_from_policy`, always called inside
-    :func:`~proxrl.lm.models.reference_context` (which disables LoRA adapters when ref is the LoRA policy).
+    :func:`~proxrl.lm.reference.reference_from_policy`, always called inside
+    :func:`~proxrl.lm.reference.reference_context` (which disables LoRA adapters when ref is the LoRA policy).
     critic: separate seq-cls model read at every position, or None (no critic, or value head on the policy).
     """
 
@@ -65,95 +57,7 @@ class ModelSet:
 
     @property
     def value_head_on_policy(self) -> bool:
-        from proxrl.lm.models import PolicyWithValueHead
-
         return isinstance(self.policy, PolicyWithValueHead)
-
-
-def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad token id lists. Returns ``(input_ids (B, P) long, attention_mask (B, P) long)``."""
-    width = max(len(t) for t in token_lists)
-    ids = torch.full((len(token_lists), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for i, toks in enumerate(token_lists):
-        if len(toks):
-            ids[i, width - len(toks):] = torch.as_tensor(list(toks), dtype=torch.long)
-            mask[i, width - len(toks):] = 1
-    return ids, mask
-
-
-def last_response_index(response_mask: Tensor) -> Tensor:
-    """(B,) index of the last 1 in each row of ``response_mask`` (B, R) (0 for an all-zero row)."""
-    from proxrl.lm.models import last_token_index
-
-    return last_token_index(response_mask)
-
-
-def response_forward(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    prompt_len: int,
-    temperature: float,
-    *,
-    want_entropy: bool = False,
-    entropy_grad: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """One forward over prompt+response, keeping the response part only.
-
-    Token ``P + t`` is predicted from position ``P + t - 1``, so the response log-probs and the values of the
-    states before each response token both come from positions ``[P - 1, P + R - 1)``. Position ids come
-    from the attention mask, exactly as in generation.
-
-    Args:
-        model: causal LM (HF / PEFT) or PolicyWithValueHead (then values come from the same forward).
-        input_ids, attention_mask: (B, P+R).
-    Returns:
-        ``(logprobs (B, R) float32 of input_ids[:, P:] under softmax(logits / temperature),
-        values (B, R) float32 or None, entropy (B, R) of softmax(logits / temperature) or None)``.
-    """
-    from proxrl.core import entropy_from_logits
-    from proxrl.lm.models import PolicyWithValueHead, logprobs_from_logits, position_ids_from_mask
-
-    pos = position_ids_from_mask(attention_mask)
-    values = None
-    if isinstance(model, PolicyWithValueHead):
-        logits, all_values = model(input_ids, attention_mask, pos)
-        values = all_values[:, prompt_len - 1 : -1].float()
-        logits = logits[:, prompt_len - 1 : -1]
-    else:
-        kw = {}
-        if _accepts_logits_to_keep(model):
-            # the LM head only at the R + 1 last positions: prompt positions' logits are never needed
-            kw["logits_to_keep"] = input_ids.shape[1] - prompt_len + 1
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
-                       **kw).logits
-        logits = logits[:, -(input_ids.shape[1] - prompt_len + 1) : -1]
-    logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:], temperature)
-    entropy = None
-    if want_entropy:  # without entropy_grad no (B, R, V) softmax is kept for backward (entropy only logged)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits.float() / temperature)
-    return logprobs, values, entropy
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    import inspect
-
-    from proxrl.lm.models import _unwrap
-
-    try:
-        return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def critic_values(critic: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
-    """(B, R) values V(s_t) of the states before each response token, from a seq-cls critic."""
-    from proxrl.lm.models import token_values
-
-    v = token_values(critic, input_ids, attention_mask)  # (B, P+R), head at every position
-    return v[:, prompt_len - 1 : -1].float()
 
 
 @dataclass
@@ -172,7 +76,7 @@ class Rollout:
     prompts: list[str]
     completions: list[str]
     timings: dict[str, float] = field(default_factory=dict)
-    # filled by the trainer
+    # filled by the update (proxrl.lm.ppo.compute_advantages)
     shaped_scores: Tensor | None = None   # (B,) scores after clipping / penalties
     rewards: Tensor | None = None         # (B, R)
     advantages: Tensor | None = None      # (B, R)
@@ -180,10 +84,12 @@ class Rollout:
 
     @property
     def last_index(self) -> Tensor:
-        return last_response_index(self.response_mask)
+        """(B,) index of each row's last response token (EOS included)."""
+        return last_token_index(self.response_mask)
 
     @property
     def lengths(self) -> Tensor:
+        """(B,) number of response tokens per row."""
         return self.response_mask.sum(dim=1)
 
 
@@ -209,9 +115,6 @@ def collect_rollout(
     ``score_fn(input_ids, attention_mask, prompt_len, response_mask, prompts, completions) -> (B,)`` scores
     the completed sequences (reward model or reward function).
     """
-    from proxrl.lm.generation import generate
-    from proxrl.lm.models import reference_context
-
     t0 = time.perf_counter()
     with autocast_ctx(bf16):
         gen = generate(
@@ -235,11 +138,11 @@ def collect_rollout(
 
     with autocast_ctx(bf16):
         with reference_context(models.ref) as ref:
-            ref_logprobs, _, _ = response_forward(ref, ids, attn, p, temperature)
+            ref_logprobs = response_forward(ref, ids, attn, p, temperature).logprobs
         values = None
         if models.value_head_on_policy:
             # the value head shares the policy trunk: one forward gives the values (logits are not needed)
-            _, values, _ = response_forward(models.policy, ids, attn, p, temperature)
+            values = response_forward(models.policy, ids, attn, p, temperature).values
         elif models.critic is not None:
             values = critic_values(models.critic, ids, attn, p)
     ref_logprobs = ref_logprobs * rmask
@@ -265,49 +168,3 @@ def collect_rollout(
         completions=completions,
         timings={"generation": t1 - t0, "forward": t2 - t1, "scoring": t3 - t2},
     )
-
-
-def token_rewards(scores: Tensor, kl: Tensor | None, response_mask: Tensor, kl_coef: float) -> Tensor:
-    """Per-token rewards (Ziegler et al. 2019): ``-kl_coef * kl_t`` at every response token plus the score
-    at the LAST response token (found from ``response_mask``, never from the pad id).
-
-    Args: scores (B,), kl (B, R) per-token KL estimate or None, response_mask (B, R). Returns (B, R).
-    """
-    mask = response_mask.float()
-    rewards = torch.zeros_like(mask) if kl is None else -kl_coef * kl.float() * mask
-    last = last_response_index(mask)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    rewards[rows, last] += scores.float() * mask[rows, last]
-    return rewards
-
-
-def token_gae(
-    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
-    """GAE over the response tokens of each sequence with :func:`proxrl.core.gae`.
-
-    Time is the token axis: the (B, R) tensors are transposed to (R, B). The episode terminates at each row's
-    last response token (``terminated = 1`` there), so nothing after EOS (padding) leaks into the advantages.
-
-    Returns ``(advantages, returns)``, both (B, R), 0 where the mask is 0.
-    """
-    mask = response_mask.float()
-    v = values.float() * mask
-    next_v = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
-    terminated = torch.zeros_like(mask)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    terminated[rows, last_response_index(mask)] = 1.0
-    adv, ret = gae(
-        (rewards.float() * mask).T, v.T, next_v.T, terminated.T, torch.zeros_like(terminated).T, gamma, lam
-    )
-    return adv.T.contiguous() * mask, ret.T.contiguous() * mask
-
-
-def whiten_token_rewards(rewards: Tensor, response_mask: Tensor) -> Tensor:
-    """Scale per-token rewards by their masked std (no mean shift, so the sign of each reward is kept)."""
-    return normalize(rewards, response_mask, shift_mean=False)
-
-
-def per_token_kl(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor, kind: str) -> Tensor:
-    """(B, R) KL estimate ``kind`` of KL(pi || ref) per response token, 0 where masked."""
-    return kl_estimate(logprobs, ref_logprobs, kind) * response_mask

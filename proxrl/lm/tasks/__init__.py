@@ -8,6 +8,9 @@
 """
 from __future__ import annotations
 
+from proxrl.errors import UserError
+from proxrl.lm.tasks import arithmetic, sentiment
+
 TASKS = ("sentiment", "arithmetic")
 REWARD_FNS = {
     "sentiment": "proxrl.lm.tasks.sentiment:reward_fn",
@@ -17,18 +20,12 @@ REWARD_FNS = {
 
 def task_prompts(name: str, split: str = "eval", n: int = 256, seed: int = 0) -> list[str]:
     """Prompts of a built-in task: ``split`` "train" or "eval" (held out), at most ``n``, deterministic."""
-    from proxrl.errors import UserError
-
     if split not in ("train", "eval"):
         raise UserError(f"split {split!r} must be 'train' or 'eval'")
     if name == "sentiment":
-        from proxrl.lm.tasks import sentiment as S
-
-        train, held = S.split_sentences(seed=seed)
-        return S.make_prompts(held if split == "eval" else train, seed=seed)[:n]
+        train, held = sentiment.split_sentences(seed=seed)
+        return sentiment.make_prompts(held if split == "eval" else train, seed=seed)[:n]
     if name == "arithmetic":
-        from proxrl.lm.tasks import arithmetic as A
-
-        pairs = A.held_out_problems(seed)[:n] if split == "eval" else A.train_problems(n, seed=seed)
-        return [A.format_prompt(a, b) for a, b in pairs]
+        pairs = arithmetic.held_out_problems(seed)[:n] if split == "eval" else arithmetic.train_problems(n, seed=seed)
+        return [arithmetic.format_prompt(a, b) for a, b in pairs]
     raise UserError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")

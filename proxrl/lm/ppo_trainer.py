@@ -1,0 +1,311 @@
+"""A PPO fine-tuning run of a causal LM (RLHF): models, rollouts, the KL controller, checkpoints, metrics, samples.
+
+Per update: sample ``rollout_size`` prompts x ``group_size`` completions (:func:`proxrl.lm.rollout.collect_rollout`),
+run :func:`proxrl.lm.ppo.ppo_update` on them, adapt the KL coefficient, log, and every ``checkpoint_every`` updates
+save everything needed for a bit-exact resume (:mod:`proxrl.lm.train_state`: weights, AdamW state, LR schedule,
+RNG and generator states, the KL controller). The run directory follows :mod:`proxrl.runs.rundir`'s order: its lock
+for the life of the run, every input validated (config, resume checkpoint, models, prompts, reward), and only then
+the tree and ``config.yaml`` written.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from proxrl.config import to_dict
+from proxrl.core import AdaptiveKLController, FixedKLController
+from proxrl.errors import UserError
+from proxrl.lm.builders import scalar_model_from_causal
+from proxrl.lm.heads import PolicyWithValueHead, policy_with_value_head, unwrap_model
+from proxrl.lm.layers import disable_dropout
+from proxrl.lm.loading import load_causal_lm, load_scalar_model, save_model_and_tokenizer
+from proxrl.lm.lora import apply_lora
+from proxrl.lm.plots import plot_run
+from proxrl.lm.positions import left_pad
+from proxrl.lm.ppo import ppo_update
+from proxrl.lm.ppo_config import PPOConfig, PPOSizes, ResolvedOptions
+from proxrl.lm.prompts import PROMPTS_FILE, keep_prompts, load_prompts, tokenize_prompts
+from proxrl.lm.reference import reference_from_policy
+from proxrl.lm.rollout import ModelSet, Rollout, collect_rollout
+from proxrl.lm.scoring import make_scorer
+from proxrl.lm.tokenization import check_tokenizer_fits, load_tokenizer
+from proxrl.lm.train_state import load_train_state, resume_checkpoint, save_train_state
+from proxrl.runs import (
+    MetricsLogger,
+    RunDir,
+    atomic_write,
+    checkpoint_step,
+    generator_state,
+    progress_bar,
+    set_generator_state,
+    verify_checkpoint,
+)
+from proxrl.runs.finite import NonFiniteError
+
+__all__ = ["train_ppo", "PPOTrainer"]
+
+SAMPLES_FILE = "samples.md"
+# files a run writes before its first checkpoint (a directory holding only these is reusable after a failure)
+RUN_OUTPUTS = (SAMPLES_FILE, PROMPTS_FILE)
+# what a PPO checkpoint's train state must hold beyond the weights (train_state's own keys and PPO's loop)
+LOOP_KEYS = ("kl_controller", "sample_gen")
+
+
+def train_ppo(cfg: PPOConfig, prompts: Sequence[str] | None = None, *, reward_fn: Callable | None = None,
+              resume: bool = False, progress: bool = True) -> dict[str, float]:
+    """Run PPO fine-tuning as configured; returns the metrics of the last update.
+
+    Args:
+        cfg: the :class:`PPOConfig`.
+        prompts: prompt strings (overrides ``cfg.prompts``; kept in run_dir/prompts.jsonl for a CLI resume).
+        reward_fn: a Python callable ``fn(prompts, completions) -> list[float]`` (overrides ``cfg.reward_fn``).
+        resume: continue ``cfg.run_dir`` (wherever it now lives) from its latest checkpoint; the result is
+            bit-identical to an uninterrupted run with the same config (``total_updates`` may be raised to train
+            longer, never lowered below the updates done).
+        progress: show a progress bar.
+    """
+    with RunDir(cfg.run_dir).lock():
+        return PPOTrainer(cfg, prompts, reward_fn=reward_fn, resume=resume, progress=progress).run()
+
+
+class PPOTrainer:
+    """Holds the models, optimizer and state of one PPO run; :meth:`run` trains. Use :func:`train_ppo`, which also
+    holds the run directory's lock."""
+
+    # ------------------------------------------------------------------------------------------- main loop
+    def run(self) -> dict[str, float]:
+        """Train from the current update to ``cfg.total_updates``; save the final checkpoint, policy/ and critic/."""
+        cfg = self.cfg
+        logger = MetricsLogger(self.run_dir, resume_from_step=self.update if self.update else None)
+        bar = progress_bar(cfg.total_updates, desc="ppo", unit="update", disable=None if self.progress else True)
+        bar.update(self.update)
+        last: dict[str, float] = {}
+        try:
+            while self.update < cfg.total_updates:
+                last = self._one_update()
+                self.update += 1
+                logger.log(self.update, last)
+                bar.update(1)
+                bar.set_postfix({"reward": last["reward"], "kl": last["ref_kl"],
+                                 "tok/s": last["tokens_per_second"]})
+                if cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0 and self.update < cfg.total_updates:
+                    self._save()
+            if self.last_good is None or self.update != checkpoint_step(self.last_good):
+                self._save()
+            self._save_final()
+        finally:
+            bar.close()
+            logger.close()
+        if cfg.plot:
+            try:
+                plot_run(self.run_dir)
+            except UserError:  # no metrics (resumed a finished run)
+                pass
+        return last
+
+    def _one_update(self) -> dict[str, float]:
+        """Rollout, the PPO update on it, the KL controller's step; returns the update's metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        ids, mask, prompts = self._prompt_batch()
+        ro = collect_rollout(
+            self.models, self.tokenizer, ids, mask, prompts, self.score_fn,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            stop_strings=self.opts.stop_strings, generator=self.sample_gen, bf16=cfg.bf16,
+        )
+        kl_coef = self.kl_ctl.coef
+        t1 = time.perf_counter()
+        try:
+            m = ppo_update(ro, self.models, self.optimizer, cfg, self.sizes, self.opts, kl_coef, self.data_gen,
+                           where=f"update {self.update + 1}")
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e}; last good checkpoint: {self.last_good or 'none yet'} (lower "
+                                 f"--learning-rate or check the reward)") from e
+        t2 = time.perf_counter()
+        self.scheduler.step()
+        self.kl_ctl.update(m["ref_kl"], self.sizes.batch_size)
+        n_tokens = float(ro.lengths.sum())
+        m.update(kl_coef=kl_coef, lr=lr, progress=self.update / cfg.total_updates,
+                 time_generation=ro.timings["generation"], time_forward=ro.timings["forward"],
+                 time_scoring=ro.timings["scoring"], time_training=t2 - t1, time_update=t2 - t0,
+                 tokens_per_second=n_tokens / max(t2 - t0, 1e-9),
+                 generation_tokens_per_second=n_tokens / max(ro.timings["generation"], 1e-9))
+        if cfg.sample_every and (self.update + 1) % cfg.sample_every == 0:
+            self._sample_table(ro)
+        return m
+
+    def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        cfg, n = self.cfg, len(self.prompts)
+        if n >= cfg.rollout_size:
+            idx = torch.randperm(n, generator=self.data_gen)[: cfg.rollout_size]
+        else:
+            idx = torch.randint(n, (cfg.rollout_size,), generator=self.data_gen)
+        idx = idx.repeat_interleave(cfg.group_size).tolist()  # groups are contiguous
+        ids, mask = left_pad([self.prompt_ids[i] for i in idx], self.tokenizer.pad_token_id)
+        return ids, mask, [self.prompts[i] for i in idx]
+
+    def _sample_table(self, ro: Rollout) -> None:
+        """Print a prompt/completion/score table and append it to run_dir/samples.md."""
+        def cell(s: str) -> str:
+            s = s.replace("|", "\\|").replace("\n", "\u21b5")
+            return s if len(s) <= 120 else s[:117] + "..."
+
+        assert ro.shaped_scores is not None
+        lines = [f"### update {self.update + 1}", "", "| # | prompt | completion | score | reward |",
+                 "|---|---|---|---|---|"]
+        for i in range(min(self.cfg.sample_rows, len(ro.prompts))):
+            lines.append(f"| {i} | {cell(ro.prompts[i])} | {cell(ro.completions[i])} | "
+                         f"{ro.scores[i].item():.4g} | {ro.shaped_scores[i].item():.4g} |")
+        text = "\n".join(lines) + "\n"
+        tqdm.write(text)
+        with open(self.run_dir.path / SAMPLES_FILE, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+    # ------------------------------------------------------------------------------------------- setup
+    def __init__(self, cfg: PPOConfig, prompts: Sequence[str] | None = None, *,
+                 reward_fn: Callable | None = None, resume: bool = False, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.sizes = PPOSizes.from_config(cfg)
+        self.opts = ResolvedOptions.from_config(cfg)
+        self.progress = progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.run_dir = run = RunDir(cfg.run_dir)
+        # everything is validated before the run directory is written, so a refused command changes nothing
+        start = None
+        if resume:
+            start = resume_checkpoint(run)
+            verify_checkpoint(start, require_state=("step", "optimizer", "scheduler", "generator", "rng", "loop",
+                                                    *(f"loop.{k}" for k in LOOP_KEYS)))
+            done = checkpoint_step(start)
+            if cfg.total_updates < done:
+                raise UserError(f"--total-updates {cfg.total_updates} is below the {done} updates {run.path} has "
+                                f"already done; give at least {done}")
+        elif run.has_run():
+            run.create(exist_ok=False, outputs=RUN_OUTPUTS)  # "already exists; pass --resume" (or reuse debris)
+        self.prompts = load_prompts(cfg.prompts, prompts, run.path)
+        if not cfg.policy:
+            raise UserError("no policy: give --policy DIR (a causal LM saved with save_pretrained)")
+        torch.manual_seed(cfg.seed)  # heads / LoRA init
+        self.tokenizer = load_tokenizer(cfg.policy)
+        self.models = self._build_models()
+        self.prompt_ids = tokenize_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length)
+        model_cfg = unwrap_model(self.models.policy).config
+        ctx = getattr(model_cfg, "n_positions", None) or getattr(model_cfg, "max_position_embeddings", None)
+        longest = max(len(t) for t in self.prompt_ids)
+        if ctx is not None and longest + cfg.max_new_tokens > ctx:
+            raise UserError(f"prompts of up to {longest} tokens + max_new_tokens {cfg.max_new_tokens} exceed the "
+                            f"policy's context of {ctx} tokens; lower --max-prompt-length or --max-new-tokens")
+        self.score_fn = make_scorer(cfg, self.tokenizer, reward_fn)
+        self.optimizer = self._make_optimizer()
+        linear = cfg.lr_schedule == "linear"
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda u: 1.0 - u / cfg.total_updates if linear else 1.0)
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.kl_coef))
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed)          # token sampling
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)        # prompt choice and minibatch order
+        self.update = 0
+        self.last_good: Path | None = None
+        if start is not None:
+            self._load(start)
+
+        run.create(exist_ok=resume, outputs=RUN_OUTPUTS)
+        if resume:
+            _drop_sample_tables_after(run.path / SAMPLES_FILE, self.update)
+        elif prompts is not None:
+            keep_prompts(run.path, self.prompts)
+        run.write_config(to_dict(cfg))
+
+    def _build_models(self) -> ModelSet:
+        """Policy (LoRA, shared-trunk value head as configured), frozen reference, critic; dropout off everywhere."""
+        cfg, tok = self.cfg, self.tokenizer
+        policy = load_causal_lm(cfg.policy, trust_remote_code=cfg.trust_remote_code)
+        check_tokenizer_fits(policy, tok, cfg.policy, what="policy")
+        disable_dropout(policy)
+        if cfg.lora_r:
+            policy = apply_lora(policy, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+            ref = reference_from_policy(policy, use_lora_adapters=True)
+        else:
+            ref = reference_from_policy(policy)
+        critic = None
+        if self.opts.uses_critic and cfg.value_head_on_policy:
+            policy = policy_with_value_head(policy, head_std=0.0)
+        elif self.opts.uses_critic:
+            if cfg.critic == "policy":
+                critic = scalar_model_from_causal(cfg.policy, trust_remote_code=cfg.trust_remote_code, head_std=0.0)
+            else:
+                critic = load_scalar_model(cfg.critic, trust_remote_code=cfg.trust_remote_code, allow_new_head=True)
+                check_tokenizer_fits(critic, tok, cfg.critic, what="critic")
+            disable_dropout(critic).eval()
+        policy.eval()
+        return ModelSet(policy=policy, ref=ref, critic=critic)
+
+    def _make_optimizer(self) -> torch.optim.AdamW:
+        """One AdamW, a param group per model; a shared-trunk value head gets the critic's learning rate."""
+        cfg, policy, critic = self.cfg, self.models.policy, self.models.critic
+        lr, critic_lr = cfg.learning_rate, self.opts.critic_learning_rate
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        if isinstance(policy, PolicyWithValueHead):
+            head = {id(p) for p in policy.value_head.parameters()}
+            groups = [{"params": [p for p in trainable if id(p) not in head], "lr": lr},
+                      {"params": list(policy.value_head.parameters()), "lr": critic_lr}]
+        else:
+            groups = [{"params": trainable, "lr": lr}]
+        if critic is not None:
+            groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": critic_lr})
+        # fused: one kernel per step instead of a per-parameter loop (117 -> 26 ms a step on a 39M-parameter pair)
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, eps=1e-8, fused=True)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _modules(self) -> nn.ModuleDict:
+        """The trained models under one module: checkpoint tensors ``model.policy.*`` and ``model.critic.*``."""
+        named = {"policy": self.models.policy}
+        if self.models.critic is not None:
+            named["critic"] = self.models.critic
+        return nn.ModuleDict(named)
+
+    def _save(self) -> Path:
+        loop = {"kl_controller": self.kl_ctl.state_dict(), "sample_gen": generator_state(self.sample_gen)}
+        try:
+            path = save_train_state(self.run_dir, self.update, self._modules(), self.optimizer, self.scheduler,
+                                    self.data_gen, loop, keep=self.cfg.keep_checkpoints)
+        except UserError as e:  # non-finite weights: keep the previous checkpoint as the newest
+            raise UserError(f"{e}; last good checkpoint: {self.last_good or 'none yet'}") from e
+        self.last_good = path
+        return path
+
+    def _load(self, path: Path) -> None:
+        modules = self._modules()
+        verify_checkpoint(path, require_tensors=[f"model.{k}" for k in modules.state_dict()])
+        self.update, loop = load_train_state(path, modules, self.optimizer, self.scheduler, self.data_gen)
+        self.kl_ctl.load_state_dict(loop["kl_controller"])
+        set_generator_state(self.sample_gen, loop["sample_gen"])
+        self.last_good = path
+
+    def _save_final(self) -> None:
+        """run_dir/policy/ (a plain model, LoRA merged; with its value head) and run_dir/critic/: HF directories
+        loadable with ``from_pretrained``."""
+        save_model_and_tokenizer(self.models.policy, self.tokenizer, self.run_dir.path / "policy",
+                                 merge_lora=bool(self.cfg.lora_r))
+        if self.models.critic is not None:
+            save_model_and_tokenizer(self.models.critic, self.tokenizer, self.run_dir.path / "critic")
+
+
+def _drop_sample_tables_after(path: Path, update: int) -> None:
+    """Remove the sample tables of updates after ``update`` from samples.md (written by a run that was stopped after
+    its last checkpoint; the resumed run writes them again)."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    parts = re.split(r"(?m)^(?=### update \d+$)", text)
+    kept = [p for p in parts if not (m := re.match(r"### update (\d+)$", p, re.M)) or int(m.group(1)) <= update]
+    if len(kept) != len(parts):
+        atomic_write(path, "".join(kept))
