@@ -122,15 +122,15 @@ def _reward_model(args: argparse.Namespace) -> None:
 
 
 def _ppo(args: argparse.Namespace) -> None:
-    from proxrl.lm.ppo import train_ppo
     from proxrl.lm.ppo_config import PPOConfig
+    from proxrl.lm.ppo_trainer import train_ppo
+    from proxrl.runs import RunDir
 
     if args.resume:
-        from proxrl.runs import RunDir
-
         run = RunDir(args.resume)
-        overrides = {k: v for k, v in vars(args).items() if k == "total_updates"}  # extend a run; nothing else
-        cfg = C.from_dict(PPOConfig, {**run.read_config(), **overrides}, source=str(run.config_path))
+        saved = run.read_config()
+        saved["run_dir"] = str(args.resume)  # the directory given, wherever the run was copied or moved
+        cfg = C.resume_config(PPOConfig, saved, C.given_options(PPOConfig, args), source=str(run.config_path))
         train_ppo(cfg, resume=True)
         return
     train_ppo(C.build(PPOConfig, args))
@@ -140,8 +140,11 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from proxrl.lm.generation import generate
-    from proxrl.lm.models import load_causal_lm, load_tokenizer
+    from proxrl.lm.loading import load_causal_lm
+    from proxrl.lm.tokenization import load_tokenizer
 
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads} must be >= 1")
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model_dir)
     model = load_causal_lm(args.model_dir, trust_remote_code=args.trust_remote_code).eval()
@@ -166,7 +169,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from proxrl.lm.pipeline import DemoConfig, run_demo_config
+    from proxrl.lm.demo_config import DemoConfig
+    from proxrl.lm.pipeline import run_demo_config
 
     run_demo_config(C.build(DemoConfig, args))
 
@@ -245,7 +249,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = add("ppo", _ppo, "PPO fine-tuning of a causal LM against a reward model or reward function (RLHF).",
             ("proxrl.lm.ppo_config", "PPOConfig") if want("ppo") else None)
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue RUN_DIR from its last checkpoint with its saved config (--total-updates may raise it)")
+                   help="continue RUN_DIR (this directory, wherever the run was moved) from its last checkpoint with "
+                        "its saved config; only --total-updates (not below the updates done), --checkpoint-every, "
+                        "--keep-checkpoints, --sample-every, --sample-rows, --plot, --threads and --reward-timeout "
+                        "may change")
 
     p = add("generate", _generate, "Sample completions from a saved causal LM directory.", config_flag=False)
     p.add_argument("model_dir", metavar="MODEL_DIR")
@@ -259,7 +266,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the directory (off by default)")
 
     add("demo", _demo, "Run the offline RLHF pipeline end to end (SFT -> reward model -> PPO) and show the improvement.",
-        ("proxrl.lm.pipeline", "DemoConfig") if want("demo") else None)
+        ("proxrl.lm.demo_config", "DemoConfig") if want("demo") else None)
     return parser
 
 
