@@ -3,6 +3,7 @@ numpy classes refuse layers they do not support, and grad_backend picks numpy on
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -231,3 +232,26 @@ def test_target_kl_stops_above_target_kl_without_a_factor(backend):
     assert stopped["minibatch_steps"] == 0 and stopped["early_stop_epoch"] == 1 and unchanged
     went_on, unchanged = run(1.01)
     assert went_on["minibatch_steps"] >= 1 and not unchanged
+
+
+@pytest.mark.parametrize("backend", ["numpy", "autograd"])
+def test_non_finite_loss_stops_the_update_before_any_step(backend):
+    """A reward that overflows float32 once squared makes the loss non-finite: the update raises one line naming
+    the loss term and where (the caller's `where`, epoch, minibatch) before its optimizer step, without numpy
+    warnings; the weights are untouched."""
+    from proxrl.control.adam import FlatAdam
+    from proxrl.control.ppo import ppo_update
+    from proxrl.runs.finite import NonFiniteError
+
+    policy, flat, _ = _setup(True, (16,), "tanh", dtype=torch.float32)
+    rollout = _rollout(True, dtype=torch.float32)
+    rollout.rewards[3, 1] = 3e38  # finite, but its square is not
+    before = flat.detach().clone()
+    cfg = ControlConfig(**{**PRESETS["CartPole-v1"], "num_envs": 4, "rollout_steps": 16, "num_minibatches": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would print lines before the one-line error
+        with pytest.raises(NonFiniteError, match=r"non-finite (policy_loss|value_loss) \((nan|inf)\) at update 7 "
+                                                 r"\(env step 448\), epoch 1, minibatch 1$"):
+            ppo_update(policy, FlatAdam(flat, lr=1e-3), flat, rollout, cfg, 0.2, torch.Generator(), backend=backend,
+                       where="update 7 (env step 448)")
+    assert torch.equal(flat.detach(), before)

@@ -216,7 +216,8 @@ def _train(
             prev_step = counters["global_step"]
             step = prev_step + sz.batch_size
             try:
-                rollout = collector.collect(policy)
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # NaN/inf are named below
+                    rollout = collector.collect(policy)
                 collector.check_finite(prev_step, f"update {update}")
                 metrics = ppo_update(policy, optimizer, flat_param, rollout, cfg, clip_coef, generator, backend,
                                      where=f"update {update} (env step {step})")
