@@ -3,7 +3,9 @@
 Every field is declared with :func:`proxrl.config.opt` so the CLI can expose it as ``--field-name`` with its
 help text. Defaults follow CleanRL's ``ppo.py`` / ``ppo_continuous_action.py`` and Stable-Baselines3's ``PPO``
 where those agree; each help text says where a default comes from. Tuned per-environment values live in
-:mod:`proxrl.control.presets`.
+:mod:`proxrl.control.presets`. ``ControlConfig.renamed_fields`` maps old option names to new ones (a config
+file with an old name gets a one-line error naming the new one); ``ControlConfig.resumable_fields`` lists the
+options a ``--resume`` may change (:func:`proxrl.config.resume_config`).
 """
 from __future__ import annotations
 
