@@ -134,8 +134,6 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_lm, monkeypatch):
 
 
 def test_conversational_pairs_rendered_with_the_template(tmp_path, tiny_lm):
-    from proxrl.lm.models import load_tokenizer
-
     template = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}|{% endfor %}"
                 "{% if add_generation_prompt %}<a>{% endif %}")
     tok = A.build_char_tokenizer(chars="0123456789<>|uas")

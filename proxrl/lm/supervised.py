@@ -173,7 +173,7 @@ def train_supervised(cfg: Config, prepare: Callable[[], Prepared], *, resume: bo
     """Run the supervised loop of one stage in ``cfg.run_dir`` (see the module doc).
 
     Args:
-        cfg: the stage's config (the options of :func:`proxrl.lm.supervised_config.check_loop_options`).
+        cfg: the stage's config (the loop reads the options of :class:`~proxrl.lm.supervised_config.SupervisedOptions`).
         prepare: reads the data and builds the model (called once the run directory is locked and, when
             resuming, its checkpoint found; nothing is written before it returns).
         resume: continue ``cfg.run_dir`` from its newest checkpoint.

@@ -1,7 +1,7 @@
 """Options of the two supervised LM stages, ``proxrl sft`` and ``proxrl reward-model`` (no torch import here).
 
-Both stages run the one loop of :mod:`proxrl.lm.supervised`; the options they share (optimisation, cadence,
-checkpoints) mean the same in both and are validated by :func:`check_loop_options`.
+Both stages run the one loop of :mod:`proxrl.lm.supervised`; the options of that loop (optimisation, cadence,
+checkpoints) are declared once, in :class:`SupervisedOptions`, and mean the same in both.
 """
 from __future__ import annotations
 
@@ -11,49 +11,69 @@ from typing import ClassVar, Literal
 
 from proxrl.config import check, opt
 
-__all__ = ["TINY_MODEL", "SFTConfig", "RewardModelConfig", "check_loop_options"]
+__all__ = ["TINY_MODEL", "SupervisedOptions", "SFTConfig", "RewardModelConfig"]
 
 TINY_MODEL = "tiny-gpt2"
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = "JSONL, JSON, CSV, Parquet, a save_to_disk directory or a hub name org/name[:split]"
 
-#: what a ``--resume`` may change in either stage: the length of the run and how it is logged and saved
-_RESUMABLE = frozenset({"max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every",
-                        "threads", "progress"})
+
+@dataclass
+class SupervisedOptions:
+    """The options of the supervised loop (:mod:`proxrl.lm.supervised`); they mean the same in both stages.
+
+    A stage's config inherits them after its own data and model options (a stage may change a default).
+    """
+
+    epochs: float = opt(1.0, "passes over the training data (fractional allowed); ignored if --max-steps > 0")
+    max_steps: int = opt(0, "optimizer steps; 0 = derived from --epochs")
+    batch_size: int = opt(32, "examples per optimizer step")
+    learning_rate: float = opt(1e-3, "peak AdamW learning rate (1e-3 suits tiny models from scratch; ~2e-5 for pretrained ones)")
+    lr_schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
+    warmup_steps: int = opt(20, "linear warmup steps")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases/LayerNorm)")
+    max_grad_norm: float | None = opt(1.0, "gradient-norm clip; none = no clipping")
+    eval_every: int = opt(100, "evaluate on the held-out data every N steps (and at the end)")
+    log_every: int = opt(10, "log the training loss every N steps")
+    checkpoint_every: int = opt(0, "save a resumable checkpoint (weights, optimizer, data order) to checkpoints/ every N steps; 0 = only the final model")
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints (0 = all)")
+    seed: int = opt(0, "random seed (initialisation, data split, order)")
+    threads: int = opt(0, "torch CPU threads; 0 = leave torch's setting")
+    progress: bool = opt(True, "show a progress bar (on a terminal)")
+
+    #: what a ``--resume`` may change: the length of the run and how it is logged and saved
+    resumable_fields: ClassVar[frozenset[str]] = frozenset({
+        "max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "threads",
+        "progress"})
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0 and math.isfinite(self.epochs), f"epochs={self.epochs} must be > 0")
+        check(self.max_steps >= 0, f"max_steps={self.max_steps} must be >= 0")
+        check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
+              f"learning_rate={self.learning_rate} must be > 0")
+        check(self.lr_schedule in LR_SCHEDULES,
+              f"lr_schedule={self.lr_schedule!r} must be one of {', '.join(repr(s) for s in LR_SCHEDULES)}")
+        check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        check(self.max_grad_norm is None or self.max_grad_norm > 0,
+              f"max_grad_norm={self.max_grad_norm} must be > 0; use none to turn gradient clipping off")
+        check(self.eval_every >= 1, f"eval_every={self.eval_every} must be >= 1")
+        check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        check(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
+        check(self.keep_checkpoints >= 0, f"keep_checkpoints={self.keep_checkpoints} must be >= 0")
+        check(self.threads >= 0, f"threads={self.threads} must be >= 0")
 
 
-def check_loop_options(cfg: SFTConfig | RewardModelConfig) -> None:
-    """Validate the options both stages share (one-line UserError naming the option)."""
-    check(bool(cfg.model), "model is empty; give --model DIR")
+def _check_data_options(cfg: _SFTData | _RewardModelData) -> None:
     check(bool(cfg.run_dir), "run_dir is empty; give --run-dir")
     check(cfg.max_length >= 2, f"max_length={cfg.max_length} must be >= 2")
     check(0.0 <= cfg.eval_fraction < 1.0, f"eval_fraction={cfg.eval_fraction} must be in [0, 1)")
-    check(cfg.epochs > 0 and math.isfinite(cfg.epochs), f"epochs={cfg.epochs} must be > 0")
-    check(cfg.max_steps >= 0, f"max_steps={cfg.max_steps} must be >= 0")
-    check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1")
-    check(cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate), f"learning_rate={cfg.learning_rate} must be > 0")
-    check(cfg.lr_schedule in LR_SCHEDULES,
-          f"lr_schedule={cfg.lr_schedule!r} must be one of {', '.join(repr(s) for s in LR_SCHEDULES)}")
-    check(cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps} must be >= 0")
-    check(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
-    check(cfg.max_grad_norm is None or cfg.max_grad_norm > 0,
-          f"max_grad_norm={cfg.max_grad_norm} must be > 0; use none to turn gradient clipping off")
-    check(cfg.eval_every >= 1, f"eval_every={cfg.eval_every} must be >= 1")
-    check(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1")
-    check(cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every} must be >= 0")
-    check(cfg.keep_checkpoints >= 0, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 0")
-    check(cfg.threads >= 0, f"threads={cfg.threads} must be >= 0")
     check(cfg.chat_template.strip() != "", "chat_template is empty; give auto, none or PATH.jinja")
 
 
 @dataclass
-class SFTConfig:
-    """Options of :func:`proxrl.lm.sft.train_sft` (one ``proxrl sft --flag`` each)."""
-
-    stage: ClassVar[str] = "sft"
-    resumable_fields: ClassVar[frozenset[str]] = _RESUMABLE
-    renamed_fields: ClassVar[dict[str, str]] = {"prompt_key": "prompt_column", "completion_key": "completion_column"}
-
+class _SFTData:
     data: str = opt("", f"training data: .txt/.txt.gz (one document per line), or {DATA_FORMATS} with "
                         f"{{prompt, completion}}, {{text}} or {{messages}} rows")
     model: str = opt(TINY_MODEL, "local HF causal-LM directory to fine-tune, or 'tiny-gpt2' for a fresh tiny GPT-2 (see --n-layer etc.)")
@@ -79,27 +99,21 @@ class SFTConfig:
     add_eos: bool = opt(True, "append the EOS token to every document / completion (teaches the model to stop)")
     eval_fraction: float = opt(0.05, "fraction of examples held out for the eval loss")
     max_eval_examples: int = opt(512, "cap on held-out examples")
-    # optimisation
-    epochs: float = opt(1.0, "passes over the training examples (fractional allowed); ignored if --max-steps > 0")
-    max_steps: int = opt(0, "optimizer steps; 0 = derived from --epochs")
-    batch_size: int = opt(32, "examples per optimizer step")
-    learning_rate: float = opt(1e-3, "peak AdamW learning rate (1e-3 suits tiny models from scratch; ~2e-5 for pretrained ones)")
-    lr_schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
-    warmup_steps: int = opt(20, "linear warmup steps")
-    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases/LayerNorm)")
-    max_grad_norm: float | None = opt(1.0, "gradient-norm clip; none = no clipping")
-    # bookkeeping
-    eval_every: int = opt(100, "evaluate held-out loss every N steps (and at the end)")
-    log_every: int = opt(10, "log train loss every N steps")
-    checkpoint_every: int = opt(0, "save a resumable checkpoint (weights, optimizer, data order) to checkpoints/ every N steps; 0 = only the final model")
-    keep_checkpoints: int = opt(2, "keep the newest N checkpoints (0 = all)")
-    seed: int = opt(0, "random seed (init, data split, order)")
-    threads: int = opt(0, "torch CPU threads; 0 = leave torch's setting")
-    progress: bool = opt(True, "show a progress bar (on a terminal)")
+
+
+@dataclass
+class SFTConfig(SupervisedOptions, _SFTData):
+    """Options of :func:`proxrl.lm.sft.train_sft` (one ``proxrl sft --flag`` each): the data and model options,
+    then those of the loop (:class:`SupervisedOptions`)."""
+
+    stage: ClassVar[str] = "sft"
+    renamed_fields: ClassVar[dict[str, str]] = {"prompt_key": "prompt_column", "completion_key": "completion_column"}
 
     def __post_init__(self) -> None:
         check(bool(self.data), "data is empty; give --data FILE (.txt, .jsonl, .json, .csv, .parquet, ...)")
-        check_loop_options(self)
+        check(bool(self.model), "model is empty; give a model directory or 'tiny-gpt2'")
+        _check_data_options(self)
+        super().__post_init__()
         check(self.vocab_size >= 260, f"vocab_size={self.vocab_size} must be >= 260 (byte-level BPE)")
         check(self.n_layer >= 1 and self.n_embd >= 1 and self.n_head >= 1,
               f"n_layer={self.n_layer}, n_embd={self.n_embd}, n_head={self.n_head} must all be >= 1")
@@ -112,12 +126,7 @@ class SFTConfig:
 
 
 @dataclass
-class RewardModelConfig:
-    """Options of :func:`proxrl.lm.reward_model.train_reward_model` (one ``proxrl reward-model --flag`` each)."""
-
-    stage: ClassVar[str] = "reward_model"
-    resumable_fields: ClassVar[frozenset[str]] = _RESUMABLE
-
+class _RewardModelData:
     data: str = opt("", f"preference data ({DATA_FORMATS}): {{prompt, chosen, rejected}} or {{chosen, rejected}} rows, strings or lists of messages")
     model: str = opt("", "local causal-LM directory whose trunk initialises the reward model (or a saved reward model)")
     tokenizer: str | None = opt(None, "tokenizer directory; default: the model directory")
@@ -131,27 +140,27 @@ class RewardModelConfig:
                                      "then needs one), 'none' (plain text; message contents joined) or PATH.jinja")
     append_eos: bool = opt(True, "append EOS to each completion (PPO scores finished responses at their EOS token)")
     eval_fraction: float = opt(0.1, "fraction of pairs held out for accuracy")
-    epochs: float = opt(1.0, "passes over the training pairs (fractional allowed); ignored if --max-steps > 0")
-    max_steps: int = opt(0, "optimizer steps; 0 = derived from --epochs")
+    center_coef: float = opt(0.01, "weight of the (r_chosen + r_rejected)^2 penalty keeping scores centred at 0 (TRL center_rewards_coefficient)")
+
+
+@dataclass
+class RewardModelConfig(SupervisedOptions, _RewardModelData):
+    """Options of :func:`proxrl.lm.reward_model.train_reward_model` (one ``proxrl reward-model --flag`` each): the
+    data and model options, then those of the loop (:class:`SupervisedOptions`, some defaults changed here)."""
+
+    stage: ClassVar[str] = "reward_model"
+
     batch_size: int = opt(16, "pairs per optimizer step")
     learning_rate: float = opt(1e-4, "peak AdamW learning rate (InstructGPT RM ~9e-6 for large models; small models tolerate more)")
-    lr_schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "decay after warmup")
     warmup_steps: int = opt(10, "linear warmup steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_grad_norm: float | None = opt(1.0, "gradient-norm clip; none = no clipping")
-    center_coef: float = opt(0.01, "weight of the (r_chosen + r_rejected)^2 penalty keeping scores centred at 0 (TRL center_rewards_coefficient)")
     eval_every: int = opt(50, "evaluate held-out accuracy every N steps (and at the end)")
-    log_every: int = opt(10, "log training loss every N steps")
-    checkpoint_every: int = opt(0, "save a resumable checkpoint (weights, optimizer, data order) to checkpoints/ every N steps; 0 = only the final model")
-    keep_checkpoints: int = opt(2, "keep the newest N checkpoints (0 = all)")
-    seed: int = opt(0, "random seed (head init, split, order)")
-    threads: int = opt(0, "torch CPU threads; 0 = leave torch's setting")
-    progress: bool = opt(True, "show a progress bar (on a terminal)")
 
     def __post_init__(self) -> None:
         check(bool(self.data), "data is empty; give --data PAIRS (.jsonl, .json, .csv, .parquet, ...)")
         check(bool(self.model), "model is empty; give --model DIR (a causal LM, e.g. an SFT output directory)")
-        check_loop_options(self)
+        _check_data_options(self)
+        super().__post_init__()
         check(self.center_coef >= 0 and math.isfinite(self.center_coef), f"center_coef={self.center_coef} must be >= 0")
         check(all((self.prompt_column, self.chosen_column, self.rejected_column)),
               "prompt_column, chosen_column and rejected_column must be non-empty")
