@@ -319,3 +319,26 @@ def test_sft_on_conversations_counts_only_assistant_tokens(tmp_path, chat_tok):
         S.train_sft(S.SFTConfig(run_dir=str(tmp_path / "c"), **kw))  # --chat-template auto, no template
     assert "has no chat template" in str(e.value) and "--chat-template none" in str(e.value)
     assert not (tmp_path / "c").exists()
+
+
+def test_corrupt_newest_checkpoint_names_the_previous_good_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli(capsys, "sft", *_tiny_run_flags(tmp_path), "--max-steps", 8, "--keep-checkpoints", 0,
+                "--run-dir", run)[0] == 0
+    weights = run / "checkpoints" / "step_000000006" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0xFF  # one flipped bit pattern in the last tensor's bytes
+    weights.write_bytes(bytes(raw))
+    config = (run / "config.yaml").read_bytes()
+    code, err = _cli(capsys, "sft", "--resume", run)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "step_000000006 is corrupt or incomplete" in err and "the previous good one is step_000000003" in err
+    assert (run / "config.yaml").read_bytes() == config
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = _cli(capsys, "sft", *_tiny_run_flags(tmp_path), "--model", tmp_path / "no_such_model",
+                     "--run-dir", run)
+    assert code == 2 and "no_such_model" in err, err
+    assert not run.exists()
