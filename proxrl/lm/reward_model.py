@@ -26,20 +26,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from proxrl.lm.builders import scalar_model_from_causal
 from proxrl.lm.chat import is_conversational, preference_texts, require_template, resolve_chat_template
 from proxrl.lm.data import load_rows
-from proxrl.lm.models import (
-    check_tokenizer_fits,
-    disable_dropout,
-    is_scalar_model_dir,
-    last_token_index,
-    load_scalar_model,
-    load_tokenizer,
-    scalar_model_from_causal,
-    sequence_scores,
-)
+from proxrl.lm.heads import sequence_scores
+from proxrl.lm.layers import disable_dropout
+from proxrl.lm.loading import is_scalar_model_dir, load_scalar_model
+from proxrl.lm.positions import last_token_index
 from proxrl.lm.supervised import Prepared, StepResult, split_indices, train_supervised, write_result
 from proxrl.lm.supervised_config import RewardModelConfig
+from proxrl.lm.tokenization import check_tokenizer_fits, load_tokenizer
 
 __all__ = ["RewardModelConfig", "load_pairs", "encode_pair_side", "encode_pairs", "pad_right", "score_sequences",
            "pair_loss", "preference_accuracy", "train_reward_model"]

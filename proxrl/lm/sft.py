@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from proxrl.errors import UserError
+from proxrl.lm.builders import build_tiny_gpt2
 from proxrl.lm.chat import (
     encode,
     is_conversational,
@@ -45,17 +46,12 @@ from proxrl.lm.chat import (
     sft_example,
 )
 from proxrl.lm.data import check_value, load_table
-from proxrl.lm.models import (
-    build_tiny_gpt2,
-    check_tokenizer_fits,
-    disable_dropout,
-    load_causal_lm,
-    load_tokenizer,
-    position_ids_from_mask,
-    train_bpe_tokenizer,
-)
+from proxrl.lm.layers import disable_dropout
+from proxrl.lm.loading import load_causal_lm
+from proxrl.lm.positions import position_ids_from_mask
 from proxrl.lm.supervised import Prepared, StepResult, split_indices, train_supervised, write_result
 from proxrl.lm.supervised_config import TINY_MODEL, SFTConfig
+from proxrl.lm.tokenization import check_tokenizer_fits, load_tokenizer, train_bpe_tokenizer
 
 __all__ = ["SFTConfig", "Example", "load_records", "tokenize_records", "build_batch", "lm_loss", "evaluate_loss",
            "train_sft"]

@@ -31,7 +31,7 @@ import torch
 
 from proxrl.config import resume_config, to_dict
 from proxrl.errors import UserError
-from proxrl.lm.models import save_model_and_tokenizer
+from proxrl.lm.loading import save_model_and_tokenizer
 from proxrl.lm.supervised_config import RewardModelConfig, SFTConfig
 from proxrl.lm.train_state import load_train_state, resume_checkpoint, save_train_state
 from proxrl.runs import MetricsLogger, RunDir, atomic_write, plot_metrics, progress_bar, read_metrics
