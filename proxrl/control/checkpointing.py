@@ -28,7 +28,7 @@ from proxrl.control.running_stats import ObsNormalizer, RewardScaler
 from proxrl.errors import UserError
 from proxrl.runs import RunDir, generator_state, latest_checkpoint, load_checkpoint, rng_state, set_generator_state, set_rng_state
 
-__all__ = ["pack", "restore", "build_policy", "check_checkpoint", "LoadedAgent", "load_agent", "STATE_KEYS"]
+__all__ = ["Learner", "pack", "restore", "build_policy", "check_checkpoint", "LoadedAgent", "load_agent", "STATE_KEYS"]
 
 # What pack() writes into state.json (restore() and the trainer read every one of them).
 STATE_KEYS = ("global_step", "update", "env_epoch", "train_seconds", "stopped", "optim_steps", "generator",
@@ -50,31 +50,35 @@ def _space_state(info: SpaceInfo) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, {"obs_dim": info.obs_dim, "discrete": info.discrete, "action_dim": info.action_dim}
 
 
+@dataclass
+class Learner:
+    """What training changes and a checkpoint must hold to resume exactly (besides counters and global RNGs)."""
+
+    policy: ActorCritic
+    optimizer: FlatAdam
+    obs_norm: ObsNormalizer
+    reward_scaler: RewardScaler
+    generator: torch.Generator  # minibatch order
+    action_rng: np.random.Generator  # action sampling
+
+
 def pack(
-    cfg: ControlConfig,
-    info: SpaceInfo,
-    policy: ActorCritic,
-    optimizer: FlatAdam,
-    obs_norm: ObsNormalizer,
-    reward_scaler: RewardScaler,
-    generator: torch.Generator,
-    action_rng: np.random.Generator,
-    counters: dict[str, Any],
+    cfg: ControlConfig, info: SpaceInfo, learner: Learner, counters: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Everything needed to resume training exactly, as ``(tensors, json_state)`` for ``runs.save_checkpoint``."""
-    tensors: dict[str, torch.Tensor] = {f"policy.{k}": v for k, v in policy.state_dict().items()}
-    tensors.update(optimizer.state_tensors())
-    tensors.update(obs_norm.state_tensors())
-    tensors.update(reward_scaler.state_tensors())
+    tensors: dict[str, torch.Tensor] = {f"policy.{k}": v for k, v in learner.policy.state_dict().items()}
+    tensors.update(learner.optimizer.state_tensors())
+    tensors.update(learner.obs_norm.state_tensors())
+    tensors.update(learner.reward_scaler.state_tensors())
     space_tensors, space = _space_state(info)
     tensors.update(space_tensors)
     rng_tensors, rng = rng_state()
     tensors.update(rng_tensors)
     state = {
         **counters,
-        "optim_steps": optimizer.step_count,
-        "generator": generator_state(generator),
-        "action_rng": generator_state(action_rng),
+        "optim_steps": learner.optimizer.step_count,
+        "generator": generator_state(learner.generator),
+        "action_rng": generator_state(learner.action_rng),
         "rng": rng,
         "space": space,
         "config": to_dict(cfg),
@@ -82,23 +86,14 @@ def pack(
     return tensors, state
 
 
-def restore(
-    tensors: dict[str, torch.Tensor],
-    state: dict[str, Any],
-    policy: ActorCritic,
-    optimizer: FlatAdam,
-    obs_norm: ObsNormalizer,
-    reward_scaler: RewardScaler,
-    generator: torch.Generator,
-    action_rng: np.random.Generator,
-) -> None:
+def restore(tensors: dict[str, torch.Tensor], state: dict[str, Any], learner: Learner) -> None:
     """Inverse of :func:`pack` (counters are read from ``state`` by the caller)."""
-    policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
-    optimizer.load_state(tensors, state["optim_steps"])
-    obs_norm.load_state_tensors(tensors)
-    reward_scaler.load_state_tensors(tensors)
-    set_generator_state(generator, state["generator"])
-    set_generator_state(action_rng, state["action_rng"])
+    learner.policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
+    learner.optimizer.load_state(tensors, state["optim_steps"])
+    learner.obs_norm.load_state_tensors(tensors)
+    learner.reward_scaler.load_state_tensors(tensors)
+    set_generator_state(learner.generator, state["generator"])
+    set_generator_state(learner.action_rng, state["action_rng"])
     set_rng_state(tensors, state["rng"])
 
 

@@ -137,6 +137,7 @@ class TorchPPOGradient:
         return torch.stack([stats[k] for k in STAT_NAMES]).double().numpy()
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")  # NaN/inf get one line below, not warnings
 def ppo_update(
     policy: nn.Module,
     optimizer: FlatAdam,
@@ -158,22 +159,6 @@ def ppo_update(
     """
     if backend is None:
         backend = resolve_grad_backend(cfg.grad_backend, policy)
-    # NaN/inf are caught below and named in one line; numpy's overflow warnings would only print before it
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return _ppo_update(policy, optimizer, flat_param, rollout, cfg, clip_coef, generator, backend, where)
-
-
-def _ppo_update(
-    policy: nn.Module,
-    optimizer: FlatAdam,
-    flat_param: torch.nn.Parameter,
-    rollout: Rollout,
-    cfg: ControlConfig,
-    clip_coef: float,
-    generator: torch.Generator,
-    backend: str,
-    where: str,
-) -> dict[str, float]:
     # 1. GAE over the (T, N) rollout, then flatten to a batch of T * N transitions.
     advantages, returns = compute_advantages(rollout, cfg.gamma, cfg.gae_lambda)
     batch = (

@@ -33,7 +33,7 @@ import torch
 
 from proxrl.config import from_dict, to_dict
 from proxrl.control.adam import FlatAdam
-from proxrl.control.checkpointing import build_policy, check_checkpoint, pack, restore
+from proxrl.control.checkpointing import Learner, build_policy, check_checkpoint, pack, restore
 from proxrl.control.config import ControlConfig, sizes
 from proxrl.control.envs import EnvFactory, derive_seed, make_vector_env
 from proxrl.control.evaluate import Evaluator, eval_seed
@@ -91,17 +91,7 @@ def _resolve_config(rd: RunDir, cfg: ControlConfig | None, resume: bool) -> Cont
 
 
 def _restore_checkpoint(
-    ckpt: Path,
-    rd: RunDir,
-    cfg: ControlConfig,
-    info: Any,
-    policy: torch.nn.Module,
-    optimizer: FlatAdam,
-    obs_norm: ObsNormalizer,
-    reward_scaler: RewardScaler,
-    generator: torch.Generator,
-    action_rng: np.random.Generator,
-    counters: dict[str, Any],
+    ckpt: Path, rd: RunDir, cfg: ControlConfig, info: Any, learner: Learner, counters: dict[str, Any]
 ) -> dict[str, Any]:
     """Load ``ckpt`` into the freshly built objects after checking it fits them and ``cfg``; returns its state.
 
@@ -109,7 +99,7 @@ def _restore_checkpoint(
     checkpoint's in a field a resume may not change, and a ``total_steps`` below the steps already done.
     """
     tensors, state = load_checkpoint(ckpt)
-    expected, _ = pack(cfg, info, policy, optimizer, obs_norm, reward_scaler, generator, action_rng, counters)
+    expected, _ = pack(cfg, info, learner, counters)
     expected = {k: v for k, v in expected.items() if not k.startswith("rng.torch_cuda")}  # present only if CUDA ran
     check_checkpoint(ckpt, tensors, state, expected, cfg, str(rd.config_path))
     done = state["global_step"]
@@ -120,11 +110,11 @@ def _restore_checkpoint(
         raise UserError(f"total_steps={cfg.total_steps} is below the {done} env steps {rd.path} has already done; "
                         f"give --total-steps {done} or more")
     try:
-        restore(tensors, state, policy, optimizer, obs_norm, reward_scaler, generator, action_rng)
+        restore(tensors, state, learner)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint {ckpt} cannot be restored ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                         "delete it to use an earlier checkpoint, or start the run again") from e
-    for name, param in policy.named_parameters():
+    for name, param in learner.policy.named_parameters():
         check_finite(f"weight {name}", param, f"checkpoint {ckpt}")
     return state
 
@@ -179,6 +169,7 @@ def _train(
         obs_norm = ObsNormalizer(info.obs_dim, cfg.norm_obs, cfg.obs_clip)
         reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.norm_reward, cfg.reward_clip)
         collector = Collector(venv, info, cfg.rollout_steps, obs_norm, reward_scaler, action_rng, env_id=cfg.env_id)
+        learner = Learner(policy, optimizer, obs_norm, reward_scaler, generator, action_rng)
         lr_at = _schedule(cfg.lr_schedule, cfg.learning_rate)
         clip_at = _schedule(cfg.clip_schedule, cfg.clip_coef)
 
@@ -188,8 +179,7 @@ def _train(
         if resume:
             ckpt = latest_checkpoint(rd.path)
             if ckpt is not None:
-                state = _restore_checkpoint(ckpt, rd, cfg, info, policy, optimizer, obs_norm, reward_scaler,
-                                            generator, action_rng, counters)
+                state = _restore_checkpoint(ckpt, rd, cfg, info, learner, counters)
                 counters = {k: state[k] for k in counters}
                 last_row = dict(state.get("last_row") or {})
                 resume_step = counters["global_step"]
@@ -272,7 +262,7 @@ def _train(
             if final or _crossed(step, prev_step, cfg.checkpoint_every):
                 if not final:
                     counters["env_epoch"] += 1
-                tensors, state = pack(cfg, info, policy, optimizer, obs_norm, reward_scaler, generator, action_rng, counters)
+                tensors, state = pack(cfg, info, learner, counters)
                 state["last_row"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
                 save_checkpoint(checkpoint_dir(rd.path, step), tensors, state)
                 prune_checkpoints(rd.path, cfg.keep_checkpoints)
