@@ -64,3 +64,127 @@ def test_reward_fn_raising_names_the_sample_and_keeps_the_run_dir(capsys, tmp_pa
                         "--max-new-tokens", 4, "--max-prompt-length", 16, "--total-updates", 1)
     assert_one_line(code, err, "sample 1")
     assert (run / "config.yaml").is_file()  # what was written before the failure is kept
+
+
+# ------------------------------------------------------------------------------------------------ ppo resume
+
+def _reward_file(tmp_path: Path, body: str, name: str = "r.py") -> str:
+    f = tmp_path / name
+    f.write_text("import sys, time\n\ndef score(prompts, completions):\n" + body)
+    return f"{f}:score"
+
+
+def _ppo_args(policy_dir, tmp_path, run, reward_spec, *extra):
+    return ("ppo", "--policy", policy_dir, "--prompts", "sentiment", "--reward-fn", reward_spec, "--run-dir", run,
+            "--rollout-size", 2, "--minibatch-size", 2, "--epochs", 1, "--max-new-tokens", 4,
+            "--max-prompt-length", 16, "--plot", "false", "--sample-every", 0, *extra)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, policy_dir) -> Path:
+    root = tmp_path_factory.mktemp("finished_ppo")
+    spec = _reward_file(root, "    return [float(len(c)) for c in completions]\n")
+    assert main([str(a) for a in _ppo_args(policy_dir, root, root / "run", spec, "--total-updates", 1)]) == 0
+    return root / "run"
+
+
+def _copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    return run
+
+
+def _edit_state(run: Path, edit) -> None:
+    state_path = next(run.glob("checkpoints/step_*/state.json"))
+    state = json.loads(state_path.read_text())
+    state.pop("_checksums", None)  # as an older checkpoint without checksums: only the content checks remain
+    state_path.write_text(json.dumps(edit(state)))
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: {}, "lacks 'step'"),
+    (lambda s: {k: v for k, v in s.items() if k != "optimizer"}, "lacks 'optimizer'"),
+    (lambda s: {**s, "loop": {k: v for k, v in s["loop"].items() if k != "kl_controller"}},
+     "lacks 'loop.kl_controller'"),
+])
+def test_resume_with_an_incomplete_state_json_is_one_line(capsys, tmp_path, finished_run, edit, needle):
+    run = _copy_run(finished_run, tmp_path)
+    _edit_state(run, edit)
+    config = (run / "config.yaml").read_bytes()
+    code, err = run_cli(capsys, "ppo", "--resume", run, "--total-updates", 2)
+    assert_one_line(code, err, needle, "state.json")
+    assert (run / "config.yaml").read_bytes() == config  # a refused resume rewrites nothing
+
+
+def test_resume_with_a_checkpoint_missing_a_tensor_is_one_line(capsys, tmp_path, finished_run):
+    from safetensors.torch import load_file, save_file
+
+    run = _copy_run(finished_run, tmp_path)
+    weights = next(run.glob("checkpoints/step_*/model.safetensors"))
+    tensors = load_file(str(weights))
+    gone = next(k for k in tensors if k.startswith("model.critic."))
+    del tensors[gone]
+    save_file(tensors, str(weights))
+    code, err = run_cli(capsys, "ppo", "--resume", run, "--total-updates", 2)
+    assert_one_line(code, err, "model.safetensors")  # its checksum no longer matches
+    _edit_state(run, lambda s: s)
+    code, err = run_cli(capsys, "ppo", "--resume", run, "--total-updates", 2)
+    assert_one_line(code, err, f"lacks tensor '{gone}'")
+
+
+def test_resume_options_are_checked_and_config_is_kept(capsys, tmp_path, finished_run):
+    run = _copy_run(finished_run, tmp_path)
+    config = (run / "config.yaml").read_bytes()
+    code, err = run_cli(capsys, "ppo", "--resume", run, "--learning-rate", 5)
+    assert_one_line(code, err, "--learning-rate cannot change on --resume", "--total-updates")
+    code, err = run_cli(capsys, "ppo", "--resume", run, "--total-updates", 0)
+    assert_one_line(code, err, "total_updates=0")
+    assert (run / "config.yaml").read_bytes() == config
+    code, err = run_cli(capsys, "ppo", "--resume", run, "--total-updates", 2, "--sample-every", 1, "--threads", 1)
+    assert code == 0, err
+    from proxrl.runs import RunDir, read_metrics
+
+    saved = RunDir(run).read_config()
+    assert (saved["total_updates"], saved["sample_every"], saved["threads"]) == (2, 1, 1)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2] and (run / "samples.md").read_text().count("###") == 1
+
+
+# ------------------------------------------------------------------------------------------------ user reward code
+
+def test_reward_fn_that_hangs_exits_or_returns_strings(capsys, tmp_path, policy_dir):
+    hang = _reward_file(tmp_path, "    time.sleep(600)\n", "hang.py")
+    code, err = run_cli(capsys, *_ppo_args(policy_dir, tmp_path, tmp_path / "a", hang, "--total-updates", 1,
+                                           "--reward-timeout", 0.5))
+    assert code == 1 and err.count("\n") == 1 and "did not return within 0.5 s" in err, err
+    exits = _reward_file(tmp_path, "    sys.exit(3)\n", "exits.py")
+    code, err = run_cli(capsys, *_ppo_args(policy_dir, tmp_path, tmp_path / "b", exits, "--total-updates", 1))
+    assert code == 1 and err.count("\n") == 1 and "raised SystemExit: 3" in err, err
+    strings = _reward_file(tmp_path, "    return ['1.5'] * len(completions)\n", "strings.py")
+    code, err = run_cli(capsys, *_ppo_args(policy_dir, tmp_path, tmp_path / "c", strings, "--total-updates", 1))
+    assert_one_line(code, err, "returned '1.5' (str, not a real number) for sample 0")
+    code, err = run_cli(capsys, *_ppo_args(policy_dir, tmp_path, tmp_path / "d", strings, "--reward-timeout", 0))
+    assert_one_line(code, err, "reward_timeout=0.0")
+
+
+# ------------------------------------------------------------------------------------------------ model directories
+
+def test_reward_model_and_causal_lm_directories_mixed_up(capfd, tmp_path, policy_dir):
+    from proxrl.lm.builders import scalar_model_from_causal
+    from proxrl.lm.loading import save_model_and_tokenizer
+    from proxrl.lm.tokenization import load_tokenizer
+
+    rm_dir = save_model_and_tokenizer(scalar_model_from_causal(policy_dir, head_std=0.1), load_tokenizer(policy_dir),
+                                      tmp_path / "rm")
+    capfd.readouterr()
+    code, err = run_cli(capfd, "generate", rm_dir, "--prompt", "the cat", "--max-new-tokens", 3)
+    assert_one_line(code, err, "not a causal LM")
+    code, err = run_cli(capfd, "generate", policy_dir, "--prompt", "the cat", "--threads", 0)
+    assert_one_line(code, err, "--threads 0")
+    # a plain language model given as the reward model: one line, and nothing else printed by transformers
+    code, err = run_cli(capfd, "ppo", "--policy", policy_dir, "--prompts", "sentiment", "--reward-model", policy_dir,
+                        "--run-dir", tmp_path / "run", "--rollout-size", 2, "--minibatch-size", 2,
+                        "--max-new-tokens", 4, "--max-prompt-length", 16)
+    assert_one_line(code, err, "GPT2LMHeadModel", "not a reward model")  # err: everything written to fd 2
+    assert not (tmp_path / "run" / "config.yaml").exists()
