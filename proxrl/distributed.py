@@ -727,6 +727,8 @@ def _one_line(e: BaseException) -> str:
     """The cause of a rank's failure on one line (at most ~400 characters of the exception's message)."""
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
+    if isinstance(e, SystemExit):
+        return " ".join(str(e.code).split())
     msg = _SOURCE_PREFIX.sub("", " ".join(str(e).split()))
     if len(msg) > 400:
         msg = msg[:397] + "..."
@@ -802,7 +804,8 @@ def fail_fast(debug: bool | None = None) -> Iterator[None]:
     Ctrl-C, else 1); torchrun sees the non-zero exit and terminates the other ranks. The line is printed
     once per job: the first rank to report claims it in the process group's store, and a non-main rank waits
     1.5 s first so that a failure every rank shares (bad input) is reported by rank 0. ``SystemExit(0)``
-    passes through. With one process the context does nothing: exceptions propagate to the caller (the CLI
+    passes through; ``sys.exit(n)`` with a non-zero int exits with ``n`` without a line (its caller, e.g.
+    argparse, printed the reason); ``sys.exit("text")`` reports ``text``. With one process the context does nothing: exceptions propagate to the caller (the CLI
     prints them as today).
     """
     if _env_info().world_size <= 1:
@@ -813,6 +816,10 @@ def fail_fast(debug: bool | None = None) -> Iterator[None]:
     except SystemExit as e:
         if e.code in (0, None):
             raise
+        if not isinstance(e.code, str):  # sys.exit(2) after its caller printed the reason (e.g. argparse)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(e.code) if isinstance(e.code, int) else 1)
         _report_and_exit(e, _debug_env() if debug is None else debug)
     except BaseException as e:  # noqa: BLE001  every failure must end the job, Ctrl-C included
         _report_and_exit(e, _debug_env() if debug is None else debug)

@@ -343,6 +343,10 @@ def job():
         D.all_reduce_sum(torch.ones(1))  # rank 0 waits for a peer that never comes
     elif mode == "all_bad_input":
         raise UserError("rollout_size 7 cannot be split over 2 processes")
+    elif mode == "sys_exit":
+        if info.rank == 0:
+            sys.exit("stop: config broken")
+        D.all_reduce_sum(torch.ones(1))
     elif mode == "rank1_killed":
         if info.rank == 1:
             os._exit(9)
@@ -394,6 +398,12 @@ def test_bad_input_on_every_rank_is_reported_once_by_rank_0(tmp_path):
     assert res.returncode != 0
     assert _error_lines(res.stderr) == ["error: rank 0: rollout_size 7 cannot be split over 2 processes"], \
         res.stderr[-3000:]
+
+
+def test_sys_exit_with_text_is_reported_as_the_cause(tmp_path):
+    res, _ = _torchrun(tmp_path, "sys_exit")
+    assert res.returncode != 0
+    assert _error_lines(res.stderr) == ["error: rank 0: stop: config broken"], res.stderr[-3000:]
 
 
 def test_a_killed_rank_ends_the_torchrun_job(tmp_path):
