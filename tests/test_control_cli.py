@@ -267,3 +267,30 @@ def test_resume_help_names_exactly_the_resumable_options(capsys):
     for name in ControlConfig.resumable_fields:
         assert "--" + name.replace("_", "-") in resume, name
     assert "--learning-rate" not in resume
+
+
+# ------------------------------------------------------------------------------------------------ items 3 and 9 (runs/)
+def test_resume_names_a_corrupt_newest_checkpoint_and_the_previous_good_one(capsys, cartpole_run):
+    weights = list_checkpoints(cartpole_run)[-1] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # a flipped byte inside a tensor: only the checksum sees it
+    weights.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "train", "--resume", cartpole_run, "--total-steps", "1024", "--no-progress")
+    assert_one_line_error(code, err, "step_000000512", "previous good one is step_000000256")
+
+
+def test_a_second_process_on_a_running_run_gets_one_line(capsys, cartpole_run):
+    import subprocess
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from proxrl.runs import RunDir; RunDir(sys.argv[1]).lock().acquire(); "
+                               "print('held', flush=True); time.sleep(60)", str(cartpole_run)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run_cli(capsys, "train", "--resume", cartpole_run, "--total-steps", "1024", "--no-progress")
+        assert_one_line_error(code, err, str(holder.pid))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert read_metrics(cartpole_run)[-1]["global_step"] == 512  # nothing written by the refused run

@@ -33,7 +33,7 @@ import torch
 
 from proxrl.config import from_dict, to_dict
 from proxrl.control.adam import FlatAdam
-from proxrl.control.checkpointing import Learner, build_policy, check_checkpoint, pack, restore
+from proxrl.control.checkpointing import STATE_KEYS, Learner, build_policy, check_checkpoint, pack, restore
 from proxrl.control.config import ControlConfig, sizes
 from proxrl.control.envs import EnvFactory, derive_seed, make_vector_env
 from proxrl.control.evaluate import Evaluator, eval_seed
@@ -48,7 +48,7 @@ from proxrl.runs import (
     RunDir,
     checkpoint_dir,
     latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     progress_bar,
     prune_checkpoints,
     save_checkpoint,
@@ -76,8 +76,6 @@ def _resolve_config(rd: RunDir, cfg: ControlConfig | None, resume: bool) -> Cont
         if cfg is None:
             raise UserError("train needs a config unless resuming")
         return cfg
-    if not rd.has_run():
-        raise UserError(f"cannot resume: {rd.path} holds no run (no config.yaml); start it without --resume")
     saved = from_dict(ControlConfig, rd.read_config(), source=str(rd.config_path))
     if cfg is None:
         return saved
@@ -90,17 +88,22 @@ def _resolve_config(rd: RunDir, cfg: ControlConfig | None, resume: bool) -> Cont
     return cfg
 
 
-def _restore_checkpoint(
-    ckpt: Path, rd: RunDir, cfg: ControlConfig, info: Any, learner: Learner, counters: dict[str, Any]
-) -> dict[str, Any]:
-    """Load ``ckpt`` into the freshly built objects after checking it fits them and ``cfg``; returns its state.
+def _restore_checkpoint(rd: RunDir, cfg: ControlConfig, info: Any, learner: Learner,
+                        counters: dict[str, Any]) -> dict[str, Any] | None:
+    """Load the newest checkpoint of ``rd`` into the freshly built ``learner`` after checking that it fits them
+    and ``cfg``; returns its state (None if the run has no checkpoint yet).
 
-    One-line UserError for a state.json or tensor that is missing or malformed, a config that differs from the
-    checkpoint's in a field a resume may not change, and a ``total_steps`` below the steps already done.
+    One-line UserError for a checkpoint that is corrupt or misses an entry (offering the previous good one, see
+    :func:`proxrl.runs.load_latest_checkpoint`), whose config differs from ``cfg`` in a field a resume may not
+    change, whose tensors do not fit the config, or that has done more steps than ``total_steps``.
     """
-    tensors, state = load_checkpoint(ckpt)
     expected, _ = pack(cfg, info, learner, counters)
     expected = {k: v for k, v in expected.items() if not k.startswith("rng.torch_cuda")}  # present only if CUDA ran
+    always = [k for k in expected if k.startswith(("optim.", "rng."))]  # the rest depends on the config: see below
+    loaded = load_latest_checkpoint(rd.path, require_state=STATE_KEYS, require_tensors=always)
+    if loaded is None:
+        return None
+    ckpt, tensors, state = loaded
     check_checkpoint(ckpt, tensors, state, expected, cfg, str(rd.config_path))
     done = state["global_step"]
     if not isinstance(done, int) or isinstance(done, bool) or done < 0:
@@ -129,14 +132,20 @@ def train(
     """Train PPO on ``cfg.env_id`` (or on ``env_fn()`` envs), writing metrics, checkpoints and config to ``run_dir``.
 
     ``resume=True`` continues from the latest checkpoint of ``run_dir`` (``cfg=None`` reuses the saved
-    config) and ends with exactly the weights an uninterrupted run would have. Returns the metrics of the
-    last update, including the final evaluation (``eval_return_mean``/``eval_return_std``).
+    config; otherwise ``cfg`` may differ from it only in ``ControlConfig.resumable_fields``) and ends with
+    exactly the weights an uninterrupted run would have. The run directory is locked for the life of the run
+    (:meth:`proxrl.runs.RunDir.lock`): a second process on it gets a one-line error naming this one's PID.
+    Returns the metrics of the last update, including the final evaluation (``eval_return_mean``/
+    ``eval_return_std``).
     """
     from threadpoolctl import threadpool_limits
 
+    rd = RunDir(run_dir)
+    if resume and not rd.has_run():  # before the lock, which would create the directory
+        raise UserError(f"cannot resume: {rd.path} holds no run (no config.yaml); start it without --resume")
     # numpy's BLAS runs the update's small matmuls; its worker threads spin like OpenMP's, which made the
-    # update ~8x slower on a busy 2-core machine. One thread per process is fastest for these sizes.
-    with threadpool_limits(limits=max(1, cfg.threads) if cfg is not None else 1, user_api="blas"):
+    # update much slower on a busy 2-core machine. One thread per process is fastest for these sizes.
+    with threadpool_limits(limits=max(1, cfg.threads) if cfg is not None else 1, user_api="blas"), rd.lock():
         return _train(cfg, run_dir, resume, progress, env_fn)
 
 
@@ -176,13 +185,11 @@ def _train(
         counters: dict[str, Any] = {"global_step": 0, "update": 0, "env_epoch": 0, "train_seconds": 0.0, "stopped": False}
         last_row: dict[str, Any] = {}
         resume_step = 0 if resume else None  # drop metrics logged after the checkpoint we resume from
-        if resume:
-            ckpt = latest_checkpoint(rd.path)
-            if ckpt is not None:
-                state = _restore_checkpoint(ckpt, rd, cfg, info, learner, counters)
-                counters = {k: state[k] for k in counters}
-                last_row = dict(state.get("last_row") or {})
-                resume_step = counters["global_step"]
+        state = _restore_checkpoint(rd, cfg, info, learner, counters) if resume else None
+        if state is not None:
+            counters = {k: state[k] for k in counters}
+            last_row = dict(state.get("last_row") or {})
+            resume_step = counters["global_step"]
         rd.write_config(to_dict(cfg))  # only now: a resume that fails above leaves config.yaml as it was
         logger = MetricsLogger(rd.path, tensorboard=cfg.tensorboard, resume_from_step=resume_step)
         collector.reset(derive_seed(cfg.seed, TRAIN_ENV_STREAM, counters["env_epoch"]))
