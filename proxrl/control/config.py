@@ -42,8 +42,11 @@ def check_env_id(env_id: str) -> None:
     """
     import gymnasium as gym
 
+    from proxrl.control.envs_extra import require_extra_for
+
     if not env_id:
         raise UserError("env_id is empty; give a Gymnasium id such as 'CartPole-v1' or a factory 'pkg.module:make_env'")
+    require_extra_for(env_id)  # registers the ALE/ ids; names the extra an Atari or MuJoCo id needs
     if env_id in gym.registry:
         return
     if ":" in env_id and "/" not in env_id.split(":")[0]:
