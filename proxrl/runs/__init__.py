@@ -16,6 +16,7 @@ from proxrl.runs.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from proxrl.runs.finite import NonFiniteError, check_finite, first_non_finite
 from proxrl.runs.metrics import MetricsLogger, StepLog, read_metrics
 from proxrl.runs.plots import plot_metrics, plot_xy
 from proxrl.runs.progress import progress_bar
@@ -48,4 +49,7 @@ __all__ = [
     "plot_metrics",
     "plot_xy",
     "progress_bar",
+    "NonFiniteError",
+    "check_finite",
+    "first_non_finite",
 ]
