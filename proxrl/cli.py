@@ -7,6 +7,7 @@
     proxrl reward-model ...                    pairwise (Bradley-Terry) reward-model training
     proxrl ppo ...                             PPO fine-tuning of a causal LM (RLHF)
     proxrl generate MODEL_DIR --prompt ...     sample from any saved causal LM
+    proxrl evaluate --policy DIR --prompts ... held-out reward, KL, win rate vs --reference; report.json + PNG
     proxrl demo                                the offline RLHF pipeline (SFT -> reward model -> PPO) end to end
 
 Bad input ends with one line `error: ...` on stderr and exit status 2; a failure inside user code (a reward
@@ -168,6 +169,23 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"{p}\u2502{text}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from proxrl.lm.evaluate_config import EvaluateConfig
+    from proxrl.lm.heldout import run_evaluate
+
+    cfg = C.build(EvaluateConfig, args)
+    report = run_evaluate(cfg)
+    m = report["metrics"]
+    line = f"reward {m['reward_mean']:.4g} +- {m['reward_std']:.4g}"
+    if "win_rate" in m:
+        line += (f" (reference {m['ref_reward_mean']:.4g} +- {m['ref_reward_std']:.4g}), win rate "
+                 f"{m['win_rate']:.3f}, KL to the reference {m['ref_kl']:.4g} nats (k3 {m['ref_kl_k3']:.4g})")
+    line += (f", length {m['response_length']:.3g} tokens, distinct-1/2 {m['distinct_1']:.3f}/"
+             f"{m['distinct_2']:.3f} on {report['settings']['num_prompts']} prompts")
+    print(line)
+    print(f"report: {Path(cfg.out) / 'report.json'}  (also rewards.png, samples.md, completions.jsonl)")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from proxrl.lm.demo_config import DemoConfig
     from proxrl.lm.pipeline import run_demo_config
@@ -264,6 +282,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the directory (off by default)")
+
+    add("evaluate", _evaluate, "Evaluate a policy on held-out prompts against a reference: reward, KL, length, "
+        "distinct-n, win rate, side-by-side samples, report.json and a reward histogram PNG.",
+        ("proxrl.lm.evaluate_config", "EvaluateConfig") if want("evaluate") else None)
 
     add("demo", _demo, "Run the offline RLHF pipeline end to end (SFT -> reward model -> PPO) and show the improvement.",
         ("proxrl.lm.demo_config", "DemoConfig") if want("demo") else None)
