@@ -93,24 +93,6 @@ class _NoStopTokenizer:
         return len(self._tok)
 
 
-def _fallback_reward_scorer(reward_dir: str, bf16: bool):  # noqa: ANN202
-    """Reward-model scoring with proxrl.lm.models only (used while proxrl.lm.rewards is absent): the scalar
-    head read at the explicit index of the last response token, as TRL's get_reward does."""
-    import torch
-
-    from proxrl.lm import models as M
-    from proxrl.lm.rollout import autocast_ctx, last_response_index
-
-    rm = M.load_scalar_model(reward_dir)
-    M.disable_dropout(rm)
-
-    def score_fn(ids, attn, p, rmask, prompts, completions):  # noqa: ANN001, ANN202
-        with torch.no_grad(), autocast_ctx(bf16):
-            return M.sequence_scores(rm, ids, attn, p + last_response_index(rmask)).float()
-
-    return score_fn
-
-
 PATCHES = ("adam_fused", "gelu_fused", "gen_values", "bf16", "shared")
 
 
@@ -158,19 +140,19 @@ def _patch_gen_values() -> None:
     forward ``collect_rollout`` runs for them."""
     import torch
 
-    from proxrl.lm import generation as G
     from proxrl.lm import ppo as P
     from proxrl.lm import rollout as R
-    from proxrl.lm.models import PolicyWithValueHead, _unwrap
+    from proxrl.lm.heads import PolicyWithValueHead, unwrap_model
+    from proxrl.lm.logprobs import ResponseForward
 
     stash: dict[str, object] = {}
-    orig_generate, orig_rf = G.generate, R.response_forward
+    orig_generate, orig_rf = R.generate, R.response_forward
 
     def generate(model, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
         if not isinstance(model, PolicyWithValueHead):
             return orig_generate(model, *args, **kw)
         hs: list[torch.Tensor] = []
-        trunk = _unwrap(model.policy).transformer
+        trunk = unwrap_model(model.policy).transformer
         handle = trunk.ln_f.register_forward_hook(lambda mod, inp, out: hs.append(out[:, -1]))
         try:
             out = orig_generate(model, *args, **kw)
@@ -184,10 +166,10 @@ def _patch_gen_values() -> None:
     def response_forward(model, input_ids, attention_mask, prompt_len, temperature, **kw):  # noqa: ANN001, ANN003, ANN202
         if isinstance(model, PolicyWithValueHead) and not torch.is_grad_enabled() and "values" in stash:
             v = stash.pop("values")
-            return torch.zeros_like(v), v, None
+            return ResponseForward(torch.zeros_like(v), v, None)
         return orig_rf(model, input_ids, attention_mask, prompt_len, temperature, **kw)
 
-    G.generate = generate
+    R.generate = generate  # the rollout's generator and the rollout's / update's forward
     R.response_forward = P.response_forward = response_forward
 
 
@@ -198,19 +180,14 @@ def worker_proxrl(size: str, updates: int, threads: int, fast: bool, workload: s
 
     torch.set_num_threads(threads)
     import proxrl
-    from proxrl.lm import ppo as P
     from proxrl.lm.ppo_config import PPOConfig
+    from proxrl.lm.ppo_trainer import PPOTrainer
 
     patches = list(patches or [])
     bf16 = fast or "bf16" in patches
     shared = fast or "shared" in patches
     wd = Path(workload)
     scorer = "proxrl.lm.rewards.RewardModelScorer"
-    try:
-        import proxrl.lm.rewards  # noqa: F401
-    except ImportError:
-        scorer = "benchmark fallback (proxrl.lm.models.sequence_scores)"
-        P._reward_model_scorer = lambda cfg, tok: _fallback_reward_scorer(cfg.reward_model, cfg.bf16)
     prompt_ids = W.load_prompt_ids(wd)
     run_dir = Path(tempfile.mkdtemp(prefix="lm_bench_proxrl_")) / "run"
     cfg = PPOConfig(
@@ -223,7 +200,7 @@ def worker_proxrl(size: str, updates: int, threads: int, fast: bool, workload: s
         threads=threads, sample_every=0, checkpoint_every=0, keep_checkpoints=1,
     )
     t_setup = time.perf_counter()
-    tr = P.PPOTrainer(cfg, prompts=[f"p{i}" for i in range(len(prompt_ids))], progress=False)
+    tr = PPOTrainer(cfg, prompts=[f"p{i}" for i in range(len(prompt_ids))], progress=False)
     # the exact prompt token ids of the workload (the strings above only satisfy load_prompts)
     tr.prompt_ids = [list(p) for p in prompt_ids]
     tr.tokenizer = _NoStopTokenizer(tr.tokenizer)

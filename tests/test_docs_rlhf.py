@@ -141,6 +141,7 @@ def test_flags_named_in_prose_exist():
 def test_config_modules_import_no_torch():
     """``proxrl ppo|sft|reward-model|demo --help`` build their flags from these modules: they must stay light."""
     modules = sorted({m for m, _ in CONFIGS.values()} | {"proxrl.lm.demo_config"})
-    code = f"import sys; import {', '.join(modules)}; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    heavy = "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    code = f"import sys; import {', '.join(modules)}; {heavy}"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

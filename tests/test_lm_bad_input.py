@@ -1,12 +1,17 @@
 """LM bad input at the command line: one line `error: ...`, exit 2, nothing already written lost."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from proxrl.cli import main
-
+from proxrl.lm.builders import scalar_model_from_causal
+from proxrl.lm.loading import save_model_and_tokenizer
+from proxrl.lm.tokenization import load_tokenizer
+from proxrl.runs import RunDir, read_metrics
 from tests.test_lm_ppo import _make_policy  # a tiny char-level GPT-2 saved with its tokenizer (n_positions=64)
 
 
@@ -89,8 +94,6 @@ def finished_run(tmp_path_factory, policy_dir) -> Path:
 
 
 def _copy_run(finished_run: Path, tmp_path: Path) -> Path:
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     return run
@@ -119,8 +122,6 @@ def test_resume_with_an_incomplete_state_json_is_one_line(capsys, tmp_path, fini
 
 
 def test_resume_with_a_checkpoint_missing_a_tensor_is_one_line(capsys, tmp_path, finished_run):
-    from safetensors.torch import load_file, save_file
-
     run = _copy_run(finished_run, tmp_path)
     weights = next(run.glob("checkpoints/step_*/model.safetensors"))
     tensors = load_file(str(weights))
@@ -144,7 +145,6 @@ def test_resume_options_are_checked_and_config_is_kept(capsys, tmp_path, finishe
     assert (run / "config.yaml").read_bytes() == config
     code, err = run_cli(capsys, "ppo", "--resume", run, "--total-updates", 2, "--sample-every", 1, "--threads", 1)
     assert code == 0, err
-    from proxrl.runs import RunDir, read_metrics
 
     saved = RunDir(run).read_config()
     assert (saved["total_updates"], saved["sample_every"], saved["threads"]) == (2, 1, 1)
@@ -171,10 +171,6 @@ def test_reward_fn_that_hangs_exits_or_returns_strings(capsys, tmp_path, policy_
 # ------------------------------------------------------------------------------------------------ model directories
 
 def test_reward_model_and_causal_lm_directories_mixed_up(capfd, tmp_path, policy_dir):
-    from proxrl.lm.builders import scalar_model_from_causal
-    from proxrl.lm.loading import save_model_and_tokenizer
-    from proxrl.lm.tokenization import load_tokenizer
-
     rm_dir = save_model_and_tokenizer(scalar_model_from_causal(policy_dir, head_std=0.1), load_tokenizer(policy_dir),
                                       tmp_path / "rm")
     capfd.readouterr()

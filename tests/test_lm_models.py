@@ -6,13 +6,19 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import logging
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.activations import NewGELUActivation
+from transformers.utils import logging as hf_logging
 
 from proxrl.errors import UserError
 from proxrl.lm.builders import build_tiny_gpt2, scalar_model_from_causal
 from proxrl.lm.heads import hidden_states, policy_with_value_head, sequence_scores, token_values
-from proxrl.lm.layers import disable_dropout
+from proxrl.lm.layers import disable_dropout, fast_activations
 from proxrl.lm.loading import (
     is_scalar_model_dir,
     load_causal_lm,
@@ -74,7 +80,6 @@ def test_bpe_tokenizer_roundtrip_and_reload(tok, tmp_path):
     text = "Unseen wörds ✓ and\ttabs"
     assert tok.decode(tok(text)["input_ids"]) == text  # byte level: nothing unknown
     tok.save_pretrained(tmp_path)
-    from transformers import AutoTokenizer
 
     again = AutoTokenizer.from_pretrained(str(tmp_path))
     assert again(text)["input_ids"] == tok(text)["input_ids"]
@@ -84,8 +89,6 @@ def test_bpe_tokenizer_roundtrip_and_reload(tok, tmp_path):
 
 
 def test_load_tokenizer_sets_pad_to_eos(tmp_path):
-    from transformers import PreTrainedTokenizerFast
-
     base = train_bpe_tokenizer(TEXTS, 300)
     nopad = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="<eos>")
     assert nopad.pad_token is None
@@ -162,11 +165,6 @@ def test_load_scalar_model(model, tok, batch, tmp_path):
 def test_loading_prints_nothing_and_problems_are_one_line(model, tok, tmp_path, capfd):
     """No transformers log output on any load (transformers' multi-line load report included); what is wrong with
     a directory is one UserError line from the loading info instead."""
-    import logging
-
-    from safetensors.torch import load_file, save_file
-    from transformers.utils import logging as hf_logging
-
     records: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
@@ -407,10 +405,6 @@ def test_check_tokenizer_fits(tok, tmp_path):
 
 
 def test_fast_activations_same_function_and_swapped(tok):
-    from transformers.activations import NewGELUActivation
-
-    from proxrl.lm.models import build_tiny_gpt2, fast_activations
-
     torch.manual_seed(0)
     x = torch.randn(4, 7, 32, requires_grad=True)
     ref, fast = NewGELUActivation(), torch.nn.GELU(approximate="tanh")

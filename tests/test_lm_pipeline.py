@@ -4,20 +4,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("vaderSentiment")
-
-from proxrl.errors import UserError  # noqa: E402
-from proxrl.lm.demo_config import DemoConfig  # noqa: E402
-from proxrl.lm.evaluation import diversity  # noqa: E402
-from proxrl.lm.pipeline import run_demo  # noqa: E402
+from proxrl.errors import UserError
+from proxrl.lm.demo_config import DemoConfig
+from proxrl.lm.evaluation import diversity
+from proxrl.lm.pipeline import run_demo
+from proxrl.lm.tasks.arithmetic import check_answer
 
 
 def test_quick_sentiment_demo_end_to_end(tmp_path, capfd):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     out = tmp_path / "demo"
     summary = run_demo("sentiment", out, seed=0, quick=True, threads=1, progress=False)
     text, err = capfd.readouterr()
@@ -37,10 +34,6 @@ def test_quick_sentiment_demo_end_to_end(tmp_path, capfd):
 
 
 def test_quick_arithmetic_demo_end_to_end(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from proxrl.lm.tasks.arithmetic import check_answer
-
     out = tmp_path / "a"
     summary = run_demo("arithmetic", out, quick=True, threads=1, progress=False)
     prompts = [json.loads(line)["prompt"] for line in (out / "data" / "eval_prompts.jsonl").read_text().splitlines()]

@@ -6,16 +6,33 @@ A tiny GPT-2 (1 layer, 32 dims) over a handmade character tokenizer keeps every 
 from __future__ import annotations
 
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-
-from proxrl.errors import UserError  # noqa: E402
-from proxrl.lm.ppo_config import PPOConfig, PPOSizes, ResolvedOptions  # noqa: E402
+from proxrl.cli import main
+from proxrl.config import from_dict
+from proxrl.errors import UserError
+from proxrl.lm.builders import build_tiny_gpt2, scalar_model_from_causal
+from proxrl.lm.heads import sequence_scores
+from proxrl.lm.loading import load_causal_lm, load_scalar_model, save_model_and_tokenizer
+from proxrl.lm.logprobs import response_forward
+from proxrl.lm.positions import last_token_index, left_pad
+from proxrl.lm.ppo import compute_advantages, token_gae, token_rewards
+from proxrl.lm.ppo_config import PPOConfig, PPOSizes, ResolvedOptions
+from proxrl.lm.ppo_trainer import train_ppo
+from proxrl.lm.prompts import tokenize_prompts
+from proxrl.lm.reference import reference_from_policy
+from proxrl.lm.rollout import ModelSet, Rollout, collect_rollout
+from proxrl.lm.scoring import reward_model_scorer
+from proxrl.lm.tokenization import load_tokenizer
+from proxrl.runs import RunDir, latest_checkpoint, load_checkpoint, read_metrics
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz .")
 PROMPTS = ["the cat", "a dog", "hello", "we go", "sun", "my hat"]
@@ -23,9 +40,6 @@ PROMPTS = ["the cat", "a dog", "hello", "we go", "sun", "my hat"]
 
 def _char_tokenizer(out: Path, with_pad: bool) -> Path:
     """A character-level fast tokenizer; without ``with_pad`` load_tokenizer makes pad == eos."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {"<pad>": 0, "<eos>": 1} if with_pad else {"<eos>": 0}
     for c in CHARS:
         vocab[c] = len(vocab)
@@ -39,10 +53,6 @@ def _char_tokenizer(out: Path, with_pad: bool) -> Path:
 
 
 def _make_policy(root: Path, with_pad: bool = True, seed: int = 0) -> Path:
-    from proxrl.lm.builders import build_tiny_gpt2
-    from proxrl.lm.loading import save_model_and_tokenizer
-    from proxrl.lm.tokenization import load_tokenizer
-
     tok = load_tokenizer(_char_tokenizer(root / "tok", with_pad))
     model = build_tiny_gpt2(tok, n_layer=1, n_embd=32, n_head=2, n_positions=64, seed=seed)
     return save_model_and_tokenizer(model, tok, root / "policy")
@@ -71,14 +81,10 @@ def _cfg(policy_dir: Path, run_dir: Path, **kw) -> PPOConfig:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    from proxrl.runs import read_metrics
-
     return read_metrics(run_dir)
 
 
 def _train(cfg: PPOConfig, reward_fn=count_a, **kw):
-    from proxrl.lm.ppo_trainer import train_ppo
-
     return train_ppo(cfg, prompts=PROMPTS, reward_fn=reward_fn, progress=False, **kw)
 
 
@@ -124,8 +130,6 @@ def test_sizes_and_kl_defaults():
 
 
 def test_token_rewards_and_gae_respect_response_mask():
-    from proxrl.lm.ppo import token_gae, token_rewards
-
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
     scores = torch.tensor([2.0, -1.0, 0.5])
     kl = torch.full((3, 5), 0.1)
@@ -149,14 +153,6 @@ def test_token_rewards_and_gae_respect_response_mask():
 
 
 def _rollout(policy_dir: Path, prompts, temperature=0.7, max_new_tokens=24, seed=0):
-    from proxrl.lm.builders import scalar_model_from_causal
-    from proxrl.lm.loading import load_causal_lm
-    from proxrl.lm.positions import left_pad
-    from proxrl.lm.prompts import tokenize_prompts
-    from proxrl.lm.reference import reference_from_policy
-    from proxrl.lm.rollout import ModelSet, collect_rollout
-    from proxrl.lm.tokenization import load_tokenizer
-
     tok = load_tokenizer(policy_dir)
     policy = load_causal_lm(policy_dir)
     ref = reference_from_policy(policy)
@@ -175,9 +171,6 @@ def _rollout(policy_dir: Path, prompts, temperature=0.7, max_new_tokens=24, seed
 
 
 def test_pad_equals_eos_score_lands_on_last_response_token(eos_pad_policy_dir):
-    from proxrl.lm.positions import last_token_index
-    from proxrl.lm.ppo import token_rewards
-
     prompts = PROMPTS * 3
     tok, _, ro = _rollout(eos_pad_policy_dir, prompts, temperature=1.5, max_new_tokens=24, seed=1)
     assert tok.pad_token_id == tok.eos_token_id
@@ -205,8 +198,6 @@ def test_pad_equals_eos_score_lands_on_last_response_token(eos_pad_policy_dir):
 
 
 def test_rollout_logprobs_match_full_forward_at_sampling_temperature(policy_dir):
-    from proxrl.lm.logprobs import response_forward
-
     _, policy, ro = _rollout(policy_dir, PROMPTS, temperature=0.7, max_new_tokens=10)
     with torch.no_grad():
         lp07, _, _ = response_forward(policy, ro.input_ids, ro.attention_mask, ro.prompt_len, 0.7)
@@ -297,9 +288,6 @@ def test_adaptive_kl_moves_towards_target(policy_dir, tmp_path):
 
 
 def test_resume_is_bit_exact(policy_dir, tmp_path):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
     full = _cfg(policy_dir, tmp_path / "full", total_updates=3, checkpoint_every=1)
     _train(full)
     part = _cfg(policy_dir, tmp_path / "part", total_updates=2, checkpoint_every=1)
@@ -324,8 +312,6 @@ def test_resume_is_bit_exact(policy_dir, tmp_path):
 
 
 def test_lora_and_shared_value_head_run(policy_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     cfg = _cfg(policy_dir, tmp_path / "run", total_updates=2, lora_r=4, value_head_on_policy=True)
     _train(cfg)
     rows = _metrics(tmp_path / "run")
@@ -355,8 +341,6 @@ def test_reward_fn_nan_or_raise_is_user_error_naming_sample(policy_dir, tmp_path
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(policy_dir, tmp_path):
-    from proxrl.runs import latest_checkpoint, load_checkpoint
-
     calls = {"n": 0}
 
     def explode_at_update_3(prompts, completions):
@@ -376,12 +360,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(policy_dir, tmp_pa
 
 
 def test_reward_model_scores_at_last_response_token(policy_dir, tmp_path):
-    from proxrl.lm.builders import scalar_model_from_causal
-    from proxrl.lm.heads import sequence_scores
-    from proxrl.lm.loading import load_scalar_model, save_model_and_tokenizer
-    from proxrl.lm.scoring import reward_model_scorer
-    from proxrl.lm.tokenization import load_tokenizer
-
     tok = load_tokenizer(policy_dir)
     rm = scalar_model_from_causal(policy_dir, head_std=0.5)
     rm_dir = save_model_and_tokenizer(rm, tok, tmp_path / "rm")
@@ -397,17 +375,12 @@ def test_reward_model_scores_at_last_response_token(policy_dir, tmp_path):
         with torch.no_grad():
             want = sequence_scores(rm, ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]))
         assert abs(float(got[b]) - float(want[0])) < 1e-4
-    from proxrl.lm.ppo_trainer import train_ppo
 
     train_ppo(cfg, prompts=PROMPTS, progress=False)
     assert len(_metrics(tmp_path / "run")) == 2
 
 
 def test_cli_style_resume_reads_prompts_and_reward_spec_from_run(policy_dir, tmp_path):
-    from proxrl.config import from_dict
-    from proxrl.lm.ppo_trainer import train_ppo
-    from proxrl.runs import RunDir
-
     fn_file = tmp_path / "rew.py"
     fn_file.write_text("def reward(prompts, completions):\n    return [float(c.count('e')) for c in completions]\n")
     cfg = _cfg(policy_dir, tmp_path / "run", total_updates=1, reward_fn=f"{fn_file}:reward", bf16=True,
@@ -423,9 +396,6 @@ def test_cli_style_resume_reads_prompts_and_reward_spec_from_run(policy_dir, tmp
 
 
 def test_score_shaping_and_kl_in_reward():
-    from proxrl.lm.ppo import compute_advantages
-    from proxrl.lm.rollout import Rollout
-
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.float32)
     lp = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0], [-0.5, 0.0, 0.0]])
     ref = lp - 0.1 * mask  # k1 = +0.1 on every response token
@@ -474,8 +444,6 @@ def _slow_token_rewards_and_gae(scores, kl, values, mask, kl_coef, gamma, lam):
 
 
 def test_token_rewards_and_gae_keep_float64_and_match_a_slow_loop():
-    from proxrl.lm.ppo import token_gae, token_rewards
-
     g = torch.Generator().manual_seed(0)
     B, R = 7, 11
     lengths = torch.tensor([11, 1, 5, 0, 8, 3, 11])
@@ -512,10 +480,6 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_resume_of_a_copied_run_works_on_the_copy_only(policy_dir, tmp_path):
-    import shutil
-
-    from proxrl.cli import main
-
     (tmp_path / "p.jsonl").write_text("".join(f'{{"prompt": "{p}"}}\n' for p in PROMPTS))
     (tmp_path / "r.py").write_text("def score(prompts, completions):\n"
                                    "    return [float(c.count('a')) for c in completions]\n")
@@ -530,16 +494,11 @@ def test_resume_of_a_copied_run_works_on_the_copy_only(policy_dir, tmp_path):
     assert _files(run_a) == before  # the original is untouched, byte for byte
     assert [r["step"] for r in _metrics(run_b)] == [1, 2, 3, 4]
     assert (run_b / "checkpoints" / "step_000000004").is_dir()
-    from proxrl.runs import RunDir
 
     assert RunDir(run_b).read_config()["run_dir"] == str(run_b)
 
 
 def test_resume_rewrites_no_sample_table_and_refuses_fewer_updates(policy_dir, tmp_path, capsys):
-    import shutil
-
-    from proxrl.runs import RunDir
-
     run = tmp_path / "run"
     cfg = _cfg(policy_dir, run, total_updates=4, checkpoint_every=2, keep_checkpoints=5, sample_every=1,
                sample_rows=1)
@@ -550,7 +509,7 @@ def test_resume_rewrites_no_sample_table_and_refuses_fewer_updates(policy_dir, t
     shutil.rmtree(run / "checkpoints" / "step_000000004")
     _train(cfg, resume=True)
     text = (run / "samples.md").read_text()
-    assert [int(x) for x in __import__("re").findall(r"### update (\d+)", text)] == [1, 2, 3, 4], text
+    assert [int(x) for x in re.findall(r"### update (\d+)", text)] == [1, 2, 3, 4], text
     # a total below the updates already done is refused, and config.yaml is not rewritten by a refused resume
     config = (run / "config.yaml").read_bytes()
     with pytest.raises(UserError, match="below the 4 updates") as e:

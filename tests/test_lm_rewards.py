@@ -1,11 +1,13 @@
 """proxrl.lm.rewards: reward-function loading/calling errors and the reward-model scorer."""
-import math
 import os
 import sys
 import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -114,8 +116,6 @@ def test_call_errors_name_the_sample(reward_file):
 
 
 def test_call_accepts_tensors_arrays_and_extra_columns(reward_file):
-    import numpy as np
-
     out = call_reward_fn(lambda p, c: torch.ones(len(c), 1, requires_grad=True) * 2, ["a", "b"], ["c", "d"])
     assert out.dtype == torch.float32 and out.shape == (2,) and not out.requires_grad and out.tolist() == [2, 2]
     assert call_reward_fn(lambda p, c: np.arange(len(c)), ["a", "b"], ["c", "d"]).tolist() == [0, 1]
@@ -162,9 +162,6 @@ def test_user_code_failures_are_user_code_errors(reward_file):
 
 
 def test_reward_function_that_never_returns_times_out():
-    import threading
-    import time
-
     release = threading.Event()
 
     def hangs(prompts, completions):

@@ -281,12 +281,8 @@ class RewardModelScorer:
         self.vocab_rows = unwrap_model(model).get_input_embeddings().weight.shape[0]
 
     @torch.no_grad()
-    def score_ids(self, input_ids: Tensor, attention_mask: Tensor, last_index: Tensor | None = None,
-                  prompts: Sequence[str] | None = None, completions: Sequence[str] | None = None) -> Tensor:
-        """(B, T) ids + mask -> (B,) float32 scores at ``last_index`` (default: last position whose mask is 1).
-
-        ``prompts``/``completions`` are accepted for call-site symmetry with reward functions and unused.
-        """
+    def score_ids(self, input_ids: Tensor, attention_mask: Tensor, last_index: Tensor | None = None) -> Tensor:
+        """(B, T) ids + mask -> (B,) float32 scores at ``last_index`` (default: last position whose mask is 1)."""
         hi = int(input_ids.max()) if input_ids.numel() else 0
         if hi >= self.vocab_rows or (input_ids.numel() and int(input_ids.min()) < 0):
             raise UserError(f"token id {hi} is outside the reward model's vocabulary of {self.vocab_rows}; use the "

@@ -21,6 +21,11 @@ from typing import Any, Callable, Sequence
 from proxrl.errors import UserError
 from proxrl.lm.evaluation import diversity, mean, sample
 
+try:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+except ImportError:  # optional until the task is used: _analyzer() then says how to install it
+    SentimentIntensityAnalyzer = None
+
 DATA_FILE = Path(__file__).with_name("data") / "austen_sentences.txt.gz"
 LICENCE = "Jane Austen's novels (1811-1818) are in the public domain"
 
@@ -62,12 +67,10 @@ def make_prompts(sentences: Sequence[str], seed: int = 0, min_words: int = 2, ma
 
 
 @lru_cache(maxsize=1)
-def _analyzer():
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    except ImportError as e:
+def _analyzer() -> Any:
+    if SentimentIntensityAnalyzer is None:
         raise UserError("the sentiment task needs the 'vaderSentiment' package; install it with "
-                        "`pip install vaderSentiment` (or `pip install proxrl[lm]`)") from e
+                        "`pip install vaderSentiment` (or `pip install proxrl[lm]`)")
     return SentimentIntensityAnalyzer()
 
 
