@@ -205,3 +205,28 @@ def test_write_prompt_files(tmp_path):
     # same call, same bytes
     again = W.write_prompt_files(tmp_path / "wp2", n_train=30, n_eval=10, seed=2)
     assert all(paths[k].read_bytes() == again[k].read_bytes() for k in paths)
+
+
+def _tiny_chat_tokenizer(template: str | None):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                  unk_token="<unk>")
+    tok.chat_template = template
+    return tok
+
+
+def test_write_prompt_files_rendered_with_a_chat_template(tmp_path):
+    tok = _tiny_chat_tokenizer(SMOLLM2_TEMPLATE)
+    tok.save_pretrained(tmp_path / "tok")
+    for given in (tok, tmp_path / "tok", str(tmp_path / "tok")):
+        paths = W.write_prompt_files(tmp_path / "wp", n_train=5, n_eval=4, seed=1, chat_tokenizer=given)
+        assert sorted(paths) == ["eval", "eval_plain", "eval_rendered", "train", "train_plain", "train_rendered"]
+        conv = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
+        rendered = [json.loads(line) for line in paths["eval_rendered"].read_text().splitlines()]
+        assert [r["prompt"] for r in rendered] == [chatml(c["prompt"]) for c in conv]
+        assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rendered)
+        assert [W.solve(r["prompt"]) for r in rendered] == [r["answer"] for r in rendered]
+    with pytest.raises(ValueError, match="no chat template"):
+        W.write_prompt_files(tmp_path / "wp3", n_train=1, n_eval=1, chat_tokenizer=_tiny_chat_tokenizer(None))

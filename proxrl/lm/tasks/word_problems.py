@@ -21,8 +21,8 @@ list (e.g. a data column) takes precedence when given. PPO loads it as
 
 Command line::
 
-    python -m proxrl.lm.tasks.word_problems write OUT_DIR [--n-train 2000] [--n-eval 200] [--seed 0]
-    python -m proxrl.lm.tasks.word_problems zero-shot MODEL_DIR [--n 100] [--temperature 0] [--max-new-tokens 16]
+    python -m proxrl.lm.tasks.word_problems write OUT_DIR [--n-train 2000] [--n-eval 200] [--render-with MODEL_DIR]
+    python -m proxrl.lm.tasks.word_problems zero-shot MODEL_DIR [--n 100] [--temperature 0] [--plain]
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = [
-    "ProblemSpec", "DEFAULT_SPEC", "SPECS", "INSTRUCTION", "SYSTEM", "messages", "make_problems", "problem_text", "plain_prompt", "solve",
-    "extract_final_number", "reward_fn", "accuracy", "write_prompt_files", "zero_shot",
+    "ProblemSpec", "DEFAULT_SPEC", "SPECS", "INSTRUCTION", "SYSTEM", "messages", "make_problems", "problem_text",
+    "plain_prompt", "solve", "extract_final_number", "reward_fn", "accuracy", "write_prompt_files", "zero_shot",
 ]
 
 INSTRUCTION = "Reply with only the final number, nothing else."
@@ -169,11 +169,13 @@ def _one_problem(rng: random.Random, split: str, spec: ProblemSpec) -> tuple[str
     return " ".join(sentences), x, "+".join(kind)
 
 
-def make_problems(n: int, seed: int = 0, split: str = "train", spec: ProblemSpec = DEFAULT_SPEC) -> list[dict[str, Any]]:
+def make_problems(n: int, seed: int = 0, split: str = "train",
+                  spec: ProblemSpec = DEFAULT_SPEC) -> list[dict[str, Any]]:
     """``n`` distinct word problems of ``split`` ("train" or "eval"), deterministic given ``seed`` and ``spec``.
 
     Returns rows ``{"prompt": messages(text), "answer": int, "text": problem text, "kind": "start+add"...}``
-    (:func:`messages`: the :data:`SYSTEM` instruction, then the problem as the user turn). The two splits share no name and no object, hence no text.
+    (:func:`messages`: the :data:`SYSTEM` instruction, then the problem as the user turn). The two splits share no
+    name and no object, hence no text.
 
     Raises:
         ValueError: unknown split, ``n < 0``, or fewer than ``n`` distinct problems found.
@@ -307,20 +309,39 @@ def accuracy(prompts: Sequence[str], completions: Sequence[str]) -> float:
 
 
 def write_prompt_files(out_dir: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
-                       spec: ProblemSpec = DEFAULT_SPEC) -> dict[str, Path]:
-    """Write the task's prompt files into ``out_dir`` and return their paths by name.
+                       spec: ProblemSpec = DEFAULT_SPEC, chat_tokenizer: Any = None) -> dict[str, Path]:
+    """Write the task's prompt files into ``out_dir`` (atomically) and return their paths by name.
 
     * ``train.jsonl`` / ``eval.jsonl``: conversational rows ``{"prompt": [messages], "answer": int}`` (the layout
       ``proxrl ppo --chat-template auto`` takes);
     * ``train_plain.jsonl`` / ``eval_plain.jsonl``: the same problems as plain-text rows
-      ``{"prompt": "Question: ... Answer:", "answer": int}`` for a run without a chat template.
+      ``{"prompt": SYSTEM + "...Question: ...\\nAnswer:", "answer": int}`` for a run without a chat template;
+    * with ``chat_tokenizer`` (a tokenizer or a model directory holding one with a chat template):
+      ``train_rendered.jsonl`` / ``eval_rendered.jsonl``, the conversational prompts rendered by that template
+      with the generation prompt, as plain strings. These give a plain-text PPO run (no ``--chat-template``)
+      exactly the tokens the chat template would: rendered text tokenizes to the same ids as
+      ``apply_chat_template`` when the tokenizer adds no BOS of its own (true of SmolLM2's).
+
+    Raises:
+        ValueError: ``chat_tokenizer`` has no chat template.
     """
+    tok = chat_tokenizer
+    if isinstance(tok, (str, Path)):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tok))
+    if tok is not None and not getattr(tok, "chat_template", None):
+        raise ValueError("chat_tokenizer has no chat template; leave it out (the plain files need none)")
+    renders: list[tuple[str, Any]] = [("", lambda r: r["prompt"]), ("_plain", plain_prompt)]
+    if tok is not None:
+        renders.append(("_rendered", lambda r: tok.apply_chat_template(r["prompt"], tokenize=False,
+                                                                      add_generation_prompt=True)))
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for split, n in (("train", n_train), ("eval", n_eval)):
         rows = make_problems(n, seed=seed, split=split, spec=spec)
-        for suffix, render in (("", lambda r: r["prompt"]), ("_plain", plain_prompt)):
+        for suffix, render in renders:
             path = out / f"{split}{suffix}.jsonl"
             tmp = path.with_suffix(".jsonl.tmp")
             with tmp.open("w", encoding="utf-8") as f:
@@ -336,12 +357,14 @@ def write_prompt_files(out_dir: str | Path, n_train: int = 2000, n_eval: int = 2
 
 def zero_shot(model_dir: str | Path, n: int = 100, *, seed: int = 0, temperature: float = 0.0,
               max_new_tokens: int = 24, batch_size: int = 25, chat: bool = True, threads: int = 1,
-              spec: ProblemSpec = DEFAULT_SPEC, sample_seed: int = 1234) -> dict[str, Any]:
+              spec: ProblemSpec = DEFAULT_SPEC, sample_seed: int = 1234,
+              stop_newline: bool = False) -> dict[str, Any]:
     """Accuracy of the model in ``model_dir`` on the first ``n`` held-out problems, one completion each.
 
     ``chat``: render with the tokenizer's chat template (generation prompt added), else :func:`plain_prompt`.
-    ``temperature`` 0 is greedy. Generation stops at EOS or the template's ``<|im_end|>``. Returns accuracy,
-    per-kind accuracy, seconds per batch, and the (prompt, completion, answer) triples.
+    ``temperature`` 0 is greedy. Generation stops at EOS or the template's ``<|im_end|>``; ``stop_newline``
+    also cuts each completion at its first newline after some text (as ``--stop-strings '\\n'`` does in PPO).
+    Returns accuracy, per-kind accuracy, seconds per generation batch, and (problem, answer, completion) rows.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -370,6 +393,8 @@ def zero_shot(model_dir: str | Path, n: int = 100, *, seed: int = 0, temperature
                                  eos_token_id=stop, pad_token_id=pad)
         batch_s.append(time.perf_counter() - t0)
         completions += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    if stop_newline:
+        completions = [c[: len(c) - len(c.lstrip())] + c.lstrip().split("\n", 1)[0] for c in completions]
     rewards = reward_fn(texts, completions)
     by_kind: dict[str, list[float]] = {}
     for r, x in zip(rows, rewards):
@@ -378,7 +403,8 @@ def zero_shot(model_dir: str | Path, n: int = 100, *, seed: int = 0, temperature
         "n": len(rows), "accuracy": sum(rewards) / len(rewards) if rewards else float("nan"),
         "accuracy_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
         "count_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
-        "temperature": temperature, "max_new_tokens": max_new_tokens, "chat": chat, "batch_size": batch_size,
+        "temperature": temperature, "max_new_tokens": max_new_tokens, "chat": chat, "stop_newline": stop_newline,
+        "batch_size": batch_size,
         "seconds_per_batch": batch_s, "threads": torch.get_num_threads(),
         "samples": [{"text": r["text"], "answer": r["answer"], "completion": c}
                     for r, c in zip(rows, completions)],
@@ -395,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--n-eval", type=int, default=200)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--spec", choices=sorted(SPECS), default="one_step", help="problem difficulty")
+    w.add_argument("--render-with", default=None, metavar="MODEL_DIR",
+                   help="also write *_rendered.jsonl: prompts rendered by this tokenizer's chat template")
     z = sub.add_parser("zero-shot", help="held-out accuracy of a model directory")
     z.add_argument("model_dir")
     z.add_argument("--n", type=int, default=100)
@@ -403,16 +431,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     z.add_argument("--batch-size", type=int, default=25)
     z.add_argument("--spec", choices=sorted(SPECS), default="one_step", help="problem difficulty")
     z.add_argument("--plain", action="store_true", help="plain-text prompts instead of the chat template")
+    z.add_argument("--stop-newline", action="store_true", help="cut completions at their first newline")
     z.add_argument("--threads", type=int, default=1)
     z.add_argument("--samples", type=int, default=8, help="print this many samples")
     z.add_argument("--json", default=None, help="also write the full result here")
     a = p.parse_args(argv)
     if a.cmd == "write":
-        for name, path in write_prompt_files(a.out_dir, a.n_train, a.n_eval, a.seed, SPECS[a.spec]).items():
+        for name, path in write_prompt_files(a.out_dir, a.n_train, a.n_eval, a.seed, SPECS[a.spec],
+                                             chat_tokenizer=a.render_with).items():
             print(f"{name}: {path}")
         return 0
     res = zero_shot(a.model_dir, a.n, temperature=a.temperature, max_new_tokens=a.max_new_tokens,
-                    batch_size=a.batch_size, chat=not a.plain, threads=a.threads, spec=SPECS[a.spec])
+                    batch_size=a.batch_size, chat=not a.plain, threads=a.threads, spec=SPECS[a.spec],
+                    stop_newline=a.stop_newline)
     for s in res["samples"][: a.samples]:
         print(f"[{s['answer']}] {s['text']}\n    -> {s['completion']!r}")
     bs = res["seconds_per_batch"]
