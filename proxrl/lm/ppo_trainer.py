@@ -44,7 +44,6 @@ from proxrl.runs import (
     generator_state,
     progress_bar,
     set_generator_state,
-    verify_checkpoint,
 )
 from proxrl.runs.finite import NonFiniteError
 
@@ -53,7 +52,7 @@ __all__ = ["train_ppo", "PPOTrainer"]
 SAMPLES_FILE = "samples.md"
 # files a run writes before its first checkpoint (a directory holding only these is reusable after a failure)
 RUN_OUTPUTS = (SAMPLES_FILE, PROMPTS_FILE)
-# what a PPO checkpoint's train state must hold beyond the weights (train_state's own keys and PPO's loop)
+# what a PPO checkpoint's train-state "loop" must hold (train_state checks its own keys)
 LOOP_KEYS = ("kl_controller", "sample_gen")
 
 
@@ -181,9 +180,7 @@ class PPOTrainer:
         # everything is validated before the run directory is written, so a refused command changes nothing
         start = None
         if resume:
-            start = resume_checkpoint(run)
-            verify_checkpoint(start, require_state=("step", "optimizer", "scheduler", "generator", "rng", "loop",
-                                                    *(f"loop.{k}" for k in LOOP_KEYS)))
+            start = resume_checkpoint(run)  # newest checkpoint, checksums verified
             done = checkpoint_step(start)
             if cfg.total_updates < done:
                 raise UserError(f"--total-updates {cfg.total_updates} is below the {done} updates {run.path} has "
@@ -283,9 +280,11 @@ class PPOTrainer:
         return path
 
     def _load(self, path: Path) -> None:
-        modules = self._modules()
-        verify_checkpoint(path, require_tensors=[f"model.{k}" for k in modules.state_dict()])
-        self.update, loop = load_train_state(path, modules, self.optimizer, self.scheduler, self.data_gen)
+        self.update, loop = load_train_state(path, self._modules(), self.optimizer, self.scheduler, self.data_gen)
+        missing = [k for k in LOOP_KEYS if k not in loop]
+        if missing:
+            raise UserError(f"checkpoint {path} lacks 'loop.{missing[0]}' in state.json; it was edited or written by "
+                            f"another proxrl version: delete it or use another checkpoint")
         self.kl_ctl.load_state_dict(loop["kl_controller"])
         set_generator_state(self.sample_gen, loop["sample_gen"])
         self.last_good = path
