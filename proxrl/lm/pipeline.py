@@ -104,6 +104,16 @@ def synthesize_pairs(model: Any, tokenizer: Any, prompts: Sequence[str], score: 
     return pairs
 
 
+def _sft(sizes: DemoSizes, out: Path, data: Path, seed: int, progress: bool) -> dict[str, Any]:
+    """SFT of a tiny GPT-2 from scratch on ``data`` with the tokenizer in ``out/tokenizer``, into ``out/sft``."""
+    return train_sft(SFTConfig(
+        data=str(data), model="tiny-gpt2", tokenizer=str(out / "tokenizer"), run_dir=str(out / "sft"),
+        n_layer=sizes.n_layer, n_embd=sizes.n_embd, n_head=sizes.n_head, n_positions=sizes.n_positions,
+        max_length=sizes.max_length, max_steps=sizes.sft_steps, batch_size=sizes.sft_batch,
+        learning_rate=sizes.sft_lr, eval_every=max(1, sizes.sft_steps // 4), seed=seed, progress=progress),
+        progress=progress)
+
+
 def _ppo(sizes: DemoSizes, out: Path, seed: int, prompts: list[str], progress: bool, threads: int,
          reward_model: str | None = None, reward_fn: str | None = None) -> dict[str, float]:
     cfg = PPOConfig(policy=str(out / "sft"), reward_model=reward_model, reward_fn=reward_fn,
@@ -187,12 +197,7 @@ def _run_sentiment(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer) 
               f"prompts, BPE vocabulary {sizes.vocab_size}")
 
     with timer.stage("SFT (tiny GPT-2 trained from scratch)"):
-        sft = train_sft(SFTConfig(
-            data=str(out / "data" / "sft_train.txt"), model="tiny-gpt2", tokenizer=str(out / "tokenizer"),
-            run_dir=str(out / "sft"), n_layer=sizes.n_layer, n_embd=sizes.n_embd, n_head=sizes.n_head,
-            n_positions=sizes.n_positions, max_length=sizes.max_length, max_steps=sizes.sft_steps,
-            batch_size=sizes.sft_batch, learning_rate=sizes.sft_lr, eval_every=max(1, sizes.sft_steps // 4),
-            seed=seed, progress=cfg.progress), progress=cfg.progress)
+        sft = _sft(sizes, out, out / "data" / "sft_train.txt", seed, cfg.progress)
 
     with timer.stage("preference pairs (SFT samples labelled by VADER)"):
         sft_model, tok = _load(out / "sft")
@@ -256,18 +261,12 @@ def _run_arithmetic(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer)
         write_jsonl(out / "data" / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])
         arithmetic.build_char_tokenizer(out / "tokenizer")
         print(f"   {len(sft_pairs)} SFT problems (operands 0-{10 ** arithmetic.DIGITS - 1}), {len(ppo_pairs)} PPO "
-              f"prompts, "
-              f"{len(eval_prompts)} held-out problems; character tokenizer;\n"
+              f"prompts, {len(eval_prompts)} held-out problems; character tokenizer;\n"
               f"   the SFT labeller drops the carries of {sizes.carry_error:.0%} of the problems that carry "
               f"(PPO's exact-match checker has to fix that)")
 
     with timer.stage("SFT (tiny GPT-2 trained from scratch, stopped early)"):
-        sft = train_sft(SFTConfig(
-            data=str(out / "data" / "sft_train.jsonl"), model="tiny-gpt2", tokenizer=str(out / "tokenizer"),
-            run_dir=str(out / "sft"), n_layer=sizes.n_layer, n_embd=sizes.n_embd, n_head=sizes.n_head,
-            n_positions=sizes.n_positions, max_length=sizes.max_length, max_steps=sizes.sft_steps,
-            batch_size=sizes.sft_batch, learning_rate=sizes.sft_lr, eval_every=max(1, sizes.sft_steps // 4),
-            seed=seed, progress=cfg.progress), progress=cfg.progress)
+        sft = _sft(sizes, out, out / "data" / "sft_train.jsonl", seed, cfg.progress)
 
     with timer.stage("PPO with the exact-match reward"):
         ppo_prompts = [arithmetic.format_prompt(a, b) for a, b in ppo_pairs]

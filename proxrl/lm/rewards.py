@@ -36,8 +36,9 @@ from proxrl.lm.loading import load_scalar_model
 from proxrl.lm.messages import describe, one_line, short_repr
 from proxrl.lm.positions import last_token_index
 from proxrl.lm.tokenization import check_tokenizer_fits, saved_tokenizer, tokenizer_fingerprint
+from proxrl.runs.finite import first_non_finite
 
-__all__ = ["RewardFunction", "load_reward_fn", "call_reward_fn", "RewardModelScorer"]
+__all__ = ["RewardFunction", "load_reward_fn", "call_reward_fn", "check_finite_scores", "RewardModelScorer"]
 
 
 class RewardFunction:
@@ -154,12 +155,17 @@ def call_reward_fn(fn: Callable[..., Any], prompts: Sequence[str], completions: 
         raise UserCodeError(f"reward function {name} raised {type(batch_err).__name__} on the batch of {n} but on "
                             f"no single sample: {one_line(batch_err)}") from batch_err
     scores = _as_scores(raw, name, n)
-    bad = (~torch.isfinite(scores)).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
-        raise UserError(f"reward function {name} returned {scores[i].item()} for sample {i} (prompt "
-                        f"{short_repr(prompts[i])}, completion {short_repr(completions[i])}); return finite floats")
+    check_finite_scores(scores, f"reward function {name}", "return finite floats",
+                        lambda i: f"prompt {short_repr(prompts[i])}, completion {short_repr(completions[i])}")
     return scores
+
+
+def check_finite_scores(scores: Tensor, source: str, fix: str, sample: Callable[[int], str]) -> None:
+    """UserError ``"<source> returned <value> for sample <i> (<sample(i)>); <fix>"`` at the first NaN/inf score."""
+    bad = first_non_finite(scores)
+    if bad is not None:
+        (i,), value = bad
+        raise UserError(f"{source} returned {value} for sample {i} ({sample(i)}); {fix}")
 
 
 def _run(fn: Callable[..., Any], name: str, timeout: float | None, what: str, *args: Any,
@@ -323,11 +329,8 @@ class RewardModelScorer:
                                     max_length)
             out.append(self.score_ids(ids, mask))
         scores = torch.cat(out) if out else torch.zeros(0)
-        bad = (~torch.isfinite(scores)).nonzero().flatten()
-        if bad.numel():
-            i = int(bad[0])
-            raise UserError(f"reward model returned {scores[i].item()} for sample {i} (prompt "
-                            f"{short_repr(prompts[i])}); check the reward model weights")
+        check_finite_scores(scores, "reward model", "check the reward model weights",
+                            lambda i: f"prompt {short_repr(prompts[i])}")
         return scores
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:

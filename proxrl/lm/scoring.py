@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch import Tensor
 
 from proxrl.errors import UserError
 from proxrl.lm import tasks
 from proxrl.lm.positions import last_token_index
 from proxrl.lm.ppo_config import PPOConfig
-from proxrl.lm.rewards import RewardModelScorer, call_reward_fn, load_reward_fn
+from proxrl.lm.rewards import RewardModelScorer, call_reward_fn, check_finite_scores, load_reward_fn
 from proxrl.lm.rollout import autocast_ctx
 
 __all__ = ["ScoreFn", "make_scorer", "reward_model_scorer"]
@@ -50,10 +49,8 @@ def reward_model_scorer(model_dir: str, tokenizer: Any, bf16: bool = False,
         last = p + last_token_index(rmask)  # explicit index of the last response token
         with autocast_ctx(bf16):
             s = scorer.score_ids(ids, attn, last).float()
-        bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
-        if bad:
-            raise UserError(f"reward model returned {s[bad[0]].item()} for sample {bad[0]} "
-                            f"(completion {completions[bad[0]][:60]!r}); check the reward model")
+        check_finite_scores(s, "reward model", "check the reward model",
+                            lambda i: f"completion {completions[i][:60]!r}")
         return s
 
     return score_fn
