@@ -520,3 +520,11 @@ def test_resume_rewrites_no_sample_table_and_refuses_fewer_updates(policy_dir, t
         _train(_cfg(policy_dir, tmp_path / "nothing", total_updates=2), resume=True)
     assert not (tmp_path / "nothing" / "config.yaml").exists()
     assert RunDir(run).read_config()["total_updates"] == 4
+
+
+def test_linear_lr_follows_the_raised_total_after_resume(policy_dir, tmp_path):
+    lr = 3e-3
+    _train(_cfg(policy_dir, tmp_path / "run", total_updates=2, lr_schedule="linear", learning_rate=lr))
+    _train(_cfg(policy_dir, tmp_path / "run", total_updates=4, lr_schedule="linear", learning_rate=lr), resume=True)
+    got = [r["lr"] for r in _metrics(tmp_path / "run")]
+    assert got == [lr * (1 - 0 / 2), lr * (1 - 1 / 2), lr * (1 - 2 / 4), lr * (1 - 3 / 4)], got

@@ -202,9 +202,7 @@ class PPOTrainer:
                             f"policy's context of {ctx} tokens; lower --max-prompt-length or --max-new-tokens")
         self.score_fn = make_scorer(cfg, self.tokenizer, reward_fn)
         self.optimizer = self._make_optimizer()
-        linear = cfg.lr_schedule == "linear"
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda u: 1.0 - u / cfg.total_updates if linear else 1.0)
+        self.scheduler = self._make_scheduler(done=0)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
         self.sample_gen = torch.Generator().manual_seed(cfg.seed)          # token sampling
@@ -261,6 +259,13 @@ class PPOTrainer:
         # fused: one kernel per step instead of a per-parameter loop (117 -> 26 ms a step on a 39M-parameter pair)
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, eps=1e-8, fused=True)
 
+    def _make_scheduler(self, done: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """The learning-rate schedule over updates (constant, or linear to 0 at ``total_updates``), positioned at
+        update ``done``: each param group's lr becomes its initial lr times the factor of update ``done``."""
+        linear, total = self.cfg.lr_schedule == "linear", self.cfg.total_updates
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda u: 1.0 - u / total if linear else 1.0,
+                                                 last_epoch=done - 1)
+
     # ------------------------------------------------------------------------------------------- checkpoints
     def _modules(self) -> nn.ModuleDict:
         """The trained models under one module: checkpoint tensors ``model.policy.*`` and ``model.critic.*``."""
@@ -287,6 +292,8 @@ class PPOTrainer:
                             f"another proxrl version: delete it or use another checkpoint")
         self.kl_ctl.load_state_dict(loop["kl_controller"])
         set_generator_state(self.sample_gen, loop["sample_gen"])
+        # this config's schedule from here on: a resume may have raised total_updates (same lrs when it did not)
+        self.scheduler = self._make_scheduler(done=self.update)
         self.last_good = path
 
     def _save_final(self) -> None:
