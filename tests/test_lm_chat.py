@@ -31,7 +31,7 @@ CONV = [
 
 @pytest.fixture(scope="module")
 def tok():
-    from proxrl.lm.models import train_bpe_tokenizer
+    from proxrl.lm.tokenization import train_bpe_tokenizer
 
     t = train_bpe_tokenizer(TEXTS, 300)
     t.add_tokens(["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
@@ -250,7 +250,7 @@ def test_generation_stops_on_end_of_turn(tok):
     import torch
 
     from proxrl.lm.generation import generate
-    from proxrl.lm.models import build_tiny_gpt2
+    from proxrl.lm.builders import build_tiny_gpt2
 
     model = build_tiny_gpt2(tok, n_layer=1, n_embd=16, n_head=2, n_positions=64, seed=0).eval()
     im_end = _id(tok, "<|im_end|>")

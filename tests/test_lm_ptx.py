@@ -17,14 +17,14 @@ TEXTS = ["the cat sat on the mat", "a dog ran in the park", "two plus three is f
 
 @pytest.fixture(scope="module")
 def tok():
-    from proxrl.lm.models import train_bpe_tokenizer
+    from proxrl.lm.tokenization import train_bpe_tokenizer
 
     return train_bpe_tokenizer(TEXTS, 300)
 
 
 @pytest.fixture(scope="module")
 def model(tok):
-    from proxrl.lm.models import build_tiny_gpt2
+    from proxrl.lm.builders import build_tiny_gpt2
 
     return build_tiny_gpt2(tok, n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=0).eval()
 
@@ -66,7 +66,7 @@ def test_ptx_loss_matches_hand_computed_nll_with_padding(model):
 
 
 def test_ptx_loss_uniform_model_is_log_vocab(tok):
-    from proxrl.lm.models import build_tiny_gpt2
+    from proxrl.lm.builders import build_tiny_gpt2
 
     m = build_tiny_gpt2(tok, n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=1)
     m.lm_head = torch.nn.Linear(16, len(tok), bias=False)
@@ -76,7 +76,8 @@ def test_ptx_loss_uniform_model_is_log_vocab(tok):
 
 
 def test_ptx_loss_gradient_and_value_head_wrapper(tok):
-    from proxrl.lm.models import build_tiny_gpt2, policy_with_value_head
+    from proxrl.lm.builders import build_tiny_gpt2
+    from proxrl.lm.heads import policy_with_value_head
 
     m = build_tiny_gpt2(tok, n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=2)
     ids = torch.tensor([[3, 4, 5, 6, 7]])
@@ -173,7 +174,7 @@ def test_bad_sizes(tok):
 
 def test_ptx_training_lowers_ptx_loss(tok):
     """gamma * ptx_loss as the only loss: a few AdamW steps on PtxBatches lower the NLL of that text."""
-    from proxrl.lm.models import build_tiny_gpt2
+    from proxrl.lm.builders import build_tiny_gpt2
 
     m = build_tiny_gpt2(tok, n_layer=1, n_embd=32, n_head=2, n_positions=32, seed=0)
     it = PtxBatches(TEXTS, tok, seq_len=16, batch_size=8, seed=0)

@@ -18,7 +18,8 @@ from proxrl.lm.tasks import arithmetic as A  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     """A random tiny GPT-2 with a char tokenizer whose pad token IS the eos token."""
-    from proxrl.lm.models import build_tiny_gpt2, save_model_and_tokenizer
+    from proxrl.lm.builders import build_tiny_gpt2
+    from proxrl.lm.loading import save_model_and_tokenizer
 
     d = tmp_path_factory.mktemp("lm")
     tok = A.build_char_tokenizer()
@@ -57,7 +58,8 @@ def test_bradley_terry_learns_easy_preference(tmp_path, tiny_lm):
 
 
 def test_score_read_at_last_real_token_with_pad_equal_eos(tiny_lm):
-    from proxrl.lm.models import load_tokenizer, scalar_model_from_causal
+    from proxrl.lm.tokenization import load_tokenizer
+    from proxrl.lm.builders import scalar_model_from_causal
 
     tok = load_tokenizer(tiny_lm)
     assert tok.pad_token_id == tok.eos_token_id
@@ -70,7 +72,7 @@ def test_score_read_at_last_real_token_with_pad_equal_eos(tiny_lm):
     ids, mask, last = RM.pad_right([short, long], tok.pad_token_id)
     assert last.tolist() == [len(short) - 1, len(long) - 1]
     # the score is the head at exactly that position, not at the first pad / last column
-    from proxrl.lm.models import token_values
+    from proxrl.lm.heads import token_values
 
     per_pos = token_values(model, ids, mask)
     assert torch.allclose(batch, per_pos[torch.arange(2), last], atol=1e-5)

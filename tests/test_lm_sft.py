@@ -31,7 +31,7 @@ def test_build_batch_masks_prompt_and_padding_exactly():
 
 
 def test_tokenize_prompt_completion_separately_with_eos(char_tok):
-    from proxrl.lm.models import load_tokenizer
+    from proxrl.lm.tokenization import load_tokenizer
 
     tok = load_tokenizer(char_tok)
     ex = S.tokenize_records([{"prompt": "12+3=", "completion": "15"}, {"text": "7+7=14"}], tok, max_length=32)
@@ -43,7 +43,8 @@ def test_tokenize_prompt_completion_separately_with_eos(char_tok):
 
 
 def test_lm_loss_ignores_prompt_tokens(char_tok):
-    from proxrl.lm.models import build_tiny_gpt2, load_tokenizer
+    from proxrl.lm.builders import build_tiny_gpt2
+    from proxrl.lm.tokenization import load_tokenizer
 
     tok = load_tokenizer(char_tok)
     model = build_tiny_gpt2(tok, n_layer=1, n_embd=16, n_head=2, n_positions=32, seed=0)
@@ -278,7 +279,7 @@ CHAT = [{"role": "user", "content": "12"}, {"role": "assistant", "content": "34"
 @pytest.fixture(scope="module")
 def chat_tok(tmp_path_factory):
     """A char-level tokenizer (one token per character, no chat template of its own) and a template file."""
-    from proxrl.lm.models import load_tokenizer
+    from proxrl.lm.tokenization import load_tokenizer
 
     d = tmp_path_factory.mktemp("chat")
     A.build_char_tokenizer(d / "tok", chars="0123456789<>|uas")

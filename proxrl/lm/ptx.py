@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 from proxrl.errors import UserError
-from proxrl.lm.models import _unwrap, logprobs_from_logits, position_ids_from_mask
+from proxrl.lm.heads import unwrap_model
+from proxrl.lm.logprobs import logprobs_from_logits
+from proxrl.lm.positions import position_ids_from_mask
 
 __all__ = ["ptx_loss", "PtxBatches"]
 
@@ -34,7 +36,7 @@ def ptx_loss(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
 
     Args:
         model: a causal LM (HF, PEFT-wrapped with its adapters active, or a
-            :class:`~proxrl.lm.models.PolicyWithValueHead`, whose LM is used).
+            :class:`~proxrl.lm.heads.PolicyWithValueHead`, whose LM is used).
         input_ids: (B, T) long.  attention_mask: (B, T) 0/1, left or right padding.
 
     Returns:
@@ -45,7 +47,7 @@ def ptx_loss(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                          f"must both be (B, T)")
-    lm = _unwrap(model)
+    lm = unwrap_model(model)
     mask = attention_mask.long()
     logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                 use_cache=False).logits

@@ -8,9 +8,9 @@ in TRL's conversational layout, a list of messages rendered with the chat templa
 (:func:`proxrl.lm.chat.preference_texts`; without a prompt, the messages chosen and rejected share are the prompt).
 
 Model: ``AutoModelForSequenceClassification`` with ``num_labels=1``. From a causal-LM directory its trunk is copied
-(:func:`proxrl.lm.models.scalar_model_from_causal`) and a fresh linear head added; from a saved reward model
+(:func:`proxrl.lm.builders.scalar_model_from_causal`) and a fresh linear head added; from a saved reward model
 training continues. The score of a sequence is the head at its last real token, found from the explicit
-attention mask (:func:`proxrl.lm.models.sequence_scores`), never from ``pad_token_id`` (pad may equal EOS).
+attention mask (:func:`proxrl.lm.heads.sequence_scores`), never from ``pad_token_id`` (pad may equal EOS).
 Training runs in the loop of :mod:`proxrl.lm.supervised`.
 
 The output directory is a run directory that is also a HF model directory:
