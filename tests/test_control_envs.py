@@ -128,13 +128,15 @@ class _SpaceEnv(gym.Env):
 @pytest.mark.parametrize(
     "obs_space, act_space, name",
     [
-        (spaces.Dict({"a": spaces.Box(-1, 1, (2,))}), spaces.Discrete(2), "Dict"),
-        (spaces.Box(0, 255, (8, 8, 3), np.uint8), spaces.Discrete(2), "Box"),
-        (spaces.Box(-1, 1, (2,)), spaces.MultiDiscrete([2, 3]), "MultiDiscrete"),
+        (spaces.Discrete(5), spaces.Discrete(2), "Discrete"),
+        (spaces.Box(0, 1, (84, 84, 3), np.float32), spaces.Discrete(2), "Box"),  # float images: not pixels
+        (spaces.Box(-1, 1, (2, 3)), spaces.Discrete(2), "Box"),
         (spaces.Box(-1, 1, (2,)), spaces.Box(-1, 1, (2, 2)), "Box"),
+        (spaces.Box(-1, 1, (2,)), spaces.MultiDiscrete([[2, 3], [2, 2]]), "MultiDiscrete"),
     ],
 )
 def test_unsupported_spaces_raise_user_error(obs_space, act_space, name):
+    """(Dict observations, uint8 images, MultiDiscrete/MultiBinary actions are supported: test_control_spaces.py.)"""
     with pytest.raises(UserError, match=f"unsupported .*space {name}"):
         make_vector_env("custom", 1, "sync", lambda: _SpaceEnv(obs_space, act_space))
 

@@ -55,7 +55,9 @@ class FlatAdam:
 
 
 def grad_norm(grad: Tensor) -> float:
-    """The L2 norm of a flat (CPU) gradient, as a float (NaN or inf if an entry is)."""
+    """The L2 norm of a flat gradient, as a float (NaN or inf if an entry is)."""
+    if grad.device.type != "cpu":
+        return float(torch.linalg.vector_norm(grad.detach()))
     g = grad.detach().numpy()
     return math.sqrt(float(np.dot(g, g)))
 
@@ -65,8 +67,15 @@ def clip_grad_norm(grad: Tensor, max_norm: float) -> float:
     including its ``1e-6`` in the denominator); returns the norm before clipping.
 
     Runs on a numpy view of ``grad``: a dot product and, only when clipping, one multiply (cheaper than the
-    equivalent torch ops on a small vector). A non-finite norm leaves ``grad`` unchanged.
+    equivalent torch ops on a small vector); torch ops on another device. A non-finite norm leaves ``grad``
+    unchanged.
     """
+    if grad.device.type != "cpu":
+        norm = float(torch.linalg.vector_norm(grad.detach()))
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0 and math.isfinite(norm):
+            grad.detach().mul_(coef)
+        return norm
     g = grad.detach().numpy()
     norm = math.sqrt(float(np.dot(g, g)))
     coef = max_norm / (norm + 1e-6)

@@ -8,6 +8,7 @@ For an ``ALE/...`` id, :func:`make_atari_env` returns (innermost first)::
         frame_skip=4, screen_size=84,          max-pool the last two; 84x84 greyscale uint8 (INTER_AREA resize);
         terminal_on_life_loss=True)            training only: a lost life terminates the episode (and restarts the game)
     FireReset                                  games with a FIRE action: press it at the start of every life
+                                               (evaluation: also after 1000 steps without reward or lost life)
     RecordEpisodeStatistics                    info["episode"] with the raw (unclipped) return of each episode
     ClipReward(-1, 1)                          training only: rewards clipped to [-1, 1] (= sign for Atari's integers)
     FrameStackObservation(4)                   observation (4, 84, 84) uint8, oldest frame first
@@ -33,6 +34,8 @@ import gymnasium as gym
 import numpy as np
 
 __all__ = ["AtariSettings", "FireReset", "is_atari", "make_atari_env", "atari_settings", "make_atari_env_fn"]
+
+EVAL_REFIRE_AFTER = 1000  # evaluation: press FIRE again after this many agent steps without reward or lost life
 
 _LEGACY_ID = re.compile(r"[A-Z][A-Za-z]*(NoFrameskip|Deterministic)-v[04]")
 
@@ -65,13 +68,18 @@ class FireReset(gym.Wrapper):
     """Press FIRE at the start of every life: after ``reset`` and after a lost life that did not end the episode.
 
     Many games (Breakout's ball, ...) wait for FIRE; without it a fresh policy can idle until the time limit.
-    The FIRE step's reward is added to the step that lost the life.
+    The FIRE step's reward is added to the step that lost the life. The game sometimes misses the FIRE pressed
+    right after a lost life (seen in ~5% of Breakout games with sticky actions), and a greedy policy that never
+    presses FIRE itself then idles until the 108k-frame limit: with ``refire_after=k``, FIRE is pressed again
+    once ``k`` agent steps pass without a reward or a lost life (used for evaluation envs, k = 1000, ~67 s of play).
     """
 
-    def __init__(self, env: gym.Env) -> None:
+    def __init__(self, env: gym.Env, refire_after: int | None = None) -> None:
         super().__init__(env)
         self._fire = env.unwrapped.get_action_meanings().index("FIRE")
         self._lives = 0
+        self.refire_after = refire_after
+        self._quiet = 0  # agent steps since the last reward or lost life
 
     def _ale_lives(self) -> int:
         return int(self.env.unwrapped.ale.lives())
@@ -80,15 +88,19 @@ class FireReset(gym.Wrapper):
         self.env.reset(**kwargs)
         obs, _, _, _, info = self.env.step(self._fire)
         self._lives = self._ale_lives()
+        self._quiet = 0
         return obs, info
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
         obs, reward, terminated, truncated, info = self.env.step(action)
         lives = self._ale_lives()
-        if lives < self._lives and not (terminated or truncated):
+        self._quiet = 0 if (reward != 0 or lives < self._lives) else self._quiet + 1
+        stalled = self.refire_after is not None and self._quiet >= self.refire_after
+        if (lives < self._lives or stalled) and not (terminated or truncated):
             obs, fire_reward, terminated, truncated, info = self.env.step(self._fire)
             reward += fire_reward
             lives = self._ale_lives()
+            self._quiet = 0
         self._lives = lives
         return obs, reward, terminated, truncated, info
 
@@ -119,7 +131,7 @@ def make_atari_env(
         terminal_on_life_loss=s.terminal_on_life_loss and not evaluation, grayscale_obs=True, scale_obs=False,
     )
     if s.fire_reset and "FIRE" in env.unwrapped.get_action_meanings():
-        env = FireReset(env)
+        env = FireReset(env, refire_after=EVAL_REFIRE_AFTER if evaluation else None)
     env = gym.wrappers.RecordEpisodeStatistics(env)
     if s.clip_rewards and not evaluation:
         env = gym.wrappers.ClipReward(env, -1.0, 1.0)
@@ -148,7 +160,8 @@ def atari_settings(env_id: str, settings: AtariSettings | None = None) -> dict[s
         observation_dtype="uint8",
         wrappers=["AtariPreprocessing", *(["FireReset"] if s.fire_reset else []), "RecordEpisodeStatistics",
                   *(["ClipReward(-1, 1)"] if s.clip_rewards else []), "FrameStackObservation"],
-        evaluation="whole games, raw rewards (no life-loss termination, no reward clipping)",
+        evaluation="whole games, raw rewards (no life-loss termination, no reward clipping); FIRE pressed again "
+                   f"after {EVAL_REFIRE_AFTER} agent steps without a reward or a lost life",
     )
     return d
 

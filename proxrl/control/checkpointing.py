@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from proxrl.config import from_dict, to_dict
 from proxrl.control.adam import FlatAdam
@@ -35,11 +36,25 @@ STATE_KEYS = ("global_step", "update", "env_epoch", "train_seconds", "stopped", 
               "action_rng", "rng", "space", "config")
 
 
-def build_policy(cfg: ControlConfig, info: SpaceInfo) -> ActorCritic:
-    """A freshly initialised policy for ``cfg`` and the env's spaces (uses the global torch RNG)."""
-    return ActorCritic(
-        info.obs_dim, info.action_dim, info.discrete, parse_hidden_sizes(cfg.hidden_sizes), cfg.activation, cfg.init_log_std
-    )
+def build_policy(cfg: ControlConfig, info: SpaceInfo) -> nn.Module:
+    """A freshly initialised policy for ``cfg`` and the env's spaces (uses the global torch RNG).
+
+    * image observations: :class:`~proxrl.control.cnn.CNNActorCritic` (Nature CNN, shared trunk, uint8 in);
+    * vector observations with Discrete or Box actions: :class:`~proxrl.control.policy.ActorCritic` (the MLP
+      the numpy fast path runs);
+    * vector observations with MultiDiscrete or MultiBinary actions: :class:`~proxrl.control.cnn.MLPActorCritic`.
+    """
+    if info.obs_kind == "image":
+        from proxrl.control.cnn import CNNActorCritic, image_layout
+
+        return CNNActorCritic(info.obs_shape, info.dist, channels_last=image_layout(info.obs_shape) == "hwc",
+                              init_log_std=cfg.init_log_std)
+    hidden = parse_hidden_sizes(cfg.hidden_sizes)
+    if info.dist.kind in ("categorical", "gaussian"):
+        return ActorCritic(info.obs_dim, info.action_dim, info.discrete, hidden, cfg.activation, cfg.init_log_std)
+    from proxrl.control.cnn import MLPActorCritic
+
+    return MLPActorCritic(info.obs_dim, info.dist, hidden, cfg.activation, cfg.init_log_std)
 
 
 def _space_state(info: SpaceInfo) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -47,14 +62,14 @@ def _space_state(info: SpaceInfo) -> tuple[dict[str, torch.Tensor], dict[str, An
     if info.action_low is not None:
         tensors["space.action_low"] = torch.from_numpy(info.action_low.copy())
         tensors["space.action_high"] = torch.from_numpy(info.action_high.copy())
-    return tensors, {"obs_dim": info.obs_dim, "discrete": info.discrete, "action_dim": info.action_dim}
+    return tensors, info.to_json()
 
 
 @dataclass
 class Learner:
     """What training changes and a checkpoint must hold to resume exactly (besides counters and global RNGs)."""
 
-    policy: ActorCritic
+    policy: nn.Module  # ActorCritic, MLPActorCritic or CNNActorCritic (build_policy)
     optimizer: FlatAdam
     obs_norm: ObsNormalizer
     reward_scaler: RewardScaler
@@ -65,9 +80,13 @@ class Learner:
 def pack(
     cfg: ControlConfig, info: SpaceInfo, learner: Learner, counters: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Everything needed to resume training exactly, as ``(tensors, json_state)`` for ``runs.save_checkpoint``."""
+    """Everything needed to resume training exactly, as ``(tensors, json_state)`` for ``runs.save_checkpoint``.
+
+    Tensors are on the CPU whatever device trained (checkpoints are device-independent).
+    """
     tensors: dict[str, torch.Tensor] = {f"policy.{k}": v for k, v in learner.policy.state_dict().items()}
     tensors.update(learner.optimizer.state_tensors())
+    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
     tensors.update(learner.obs_norm.state_tensors())
     tensors.update(learner.reward_scaler.state_tensors())
     space_tensors, space = _space_state(info)
@@ -144,18 +163,18 @@ class LoadedAgent:
 
     cfg: ControlConfig
     info: SpaceInfo
-    policy: ActorCritic
+    policy: nn.Module
     obs_norm: ObsNormalizer
     state: dict[str, Any]
     checkpoint: Path
 
 
-def load_agent(run_dir: str | Path) -> LoadedAgent:
-    """Rebuild the policy and obs normaliser from the latest checkpoint of ``run_dir`` (UserError if none)."""
+def load_agent(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedAgent:
+    """Rebuild the policy (on ``device``) and obs normaliser from the latest checkpoint of ``run_dir`` (UserError if none)."""
     rd = RunDir(run_dir)
     if not rd.path.is_dir():
         raise UserError(f"run directory {rd.path} does not exist; pass the directory given to 'proxrl train'")
-    if rd.has_run() and "env_id" not in rd.read_config():
+    if rd.has_run() and "env_id" not in rd.read_config():  # (config.yaml also holds run_info; only env_id matters)
         raise UserError(f"{rd.path} is not a control run (its config.yaml has no env_id, e.g. an LM run); "
                         "pass a directory written by 'proxrl train'")
     ckpt = latest_checkpoint(rd.path)
@@ -168,13 +187,7 @@ def load_agent(run_dir: str | Path) -> LoadedAgent:
     low = tensors.get("space.action_low")
     high = tensors.get("space.action_high")
     try:
-        info = SpaceInfo(
-            int(space["obs_dim"]),
-            bool(space["discrete"]),
-            int(space["action_dim"]),
-            None if low is None else low.numpy(),
-            None if high is None else high.numpy(),
-        )
+        info = SpaceInfo.from_json(space, None if low is None else low.numpy(), None if high is None else high.numpy())
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint {ckpt}: state.json has a malformed 'space' entry ({e!r}); delete it or use "
                         "another checkpoint") from e
@@ -184,6 +197,7 @@ def load_agent(run_dir: str | Path) -> LoadedAgent:
     check_checkpoint(ckpt, tensors, state, {**expected, **obs_norm.state_tensors()}, state_keys=())
     policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
     policy.eval()
+    policy.to(device)
     obs_norm.load_state_tensors(tensors)
     return LoadedAgent(cfg, info, policy, obs_norm, state, ckpt)
 

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from proxrl.config import check, opt
 from proxrl.errors import UserError
 
-__all__ = ["ControlConfig", "Sizes", "sizes", "check_env_id", "parse_hidden_sizes"]
+__all__ = ["ControlConfig", "Sizes", "sizes", "check_env_id", "parse_hidden_sizes", "RUN_INFO_KEY", "config_values"]
+
+#: Key of config.yaml's section that describes the run rather than configures it (the device and number of
+#: processes of the latest session, the Atari preprocessing); readers drop it (:func:`config_values`).
+RUN_INFO_KEY = "run_info"
+
+
+def config_values(saved: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`ControlConfig` options of a run's config.yaml mapping (without its ``run_info`` section)."""
+    return {k: v for k, v in saved.items() if k != RUN_INFO_KEY}
 
 
 def parse_hidden_sizes(text: str) -> tuple[int, ...]:
@@ -144,6 +154,17 @@ class ControlConfig:
         "'auto' = numpy when the policy supports it, else autograd.",
     )
     threads: int = opt(1, "torch.set_num_threads for training (1 is fastest for small MLPs).")
+    device: str = opt(
+        "auto",
+        "Where the policy trains: auto (CUDA when available, else CPU), cpu, cuda (cuda:LOCAL_RANK under torchrun), "
+        "cuda:N or mps. On CPU the MLP policies take the numpy fast path (grad_backend auto); on a GPU the torch "
+        "autograd path. Envs always run on the CPU. The device used is printed and saved in config.yaml.",
+    )
+    video_every: int = opt(
+        0,
+        "Record one greedy evaluation episode as a video into run_dir/videos every this many env steps (MP4 with "
+        "moviepy, else GIF; needs the env to render rgb_array); 0 = never.",
+    )
     tensorboard: bool = opt(True, "Also write TensorBoard events to run_dir/tb.")
 
     renamed_fields: ClassVar[dict[str, str]] = {
@@ -153,7 +174,7 @@ class ControlConfig:
     # What a --resume may change: the budget, evaluation, checkpointing and logging, never the learning itself.
     resumable_fields: ClassVar[frozenset[str]] = frozenset({
         "total_steps", "target_return", "eval_every", "eval_episodes", "checkpoint_every", "keep_checkpoints",
-        "threads", "tensorboard",
+        "threads", "tensorboard", "device", "video_every",
     })
 
     def __post_init__(self) -> None:
@@ -198,6 +219,9 @@ class ControlConfig:
         check(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = only at the end)")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be at least 1")
         check(self.threads >= 1, f"threads={self.threads} must be at least 1")
+        check(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device.strip().lower())
+              is not None, f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
+        check(self.video_every >= 0, f"video_every={self.video_every} must be >= 0 (0 = no videos during training)")
         check(
             self.grad_backend in ("auto", "numpy", "autograd"),
             f"grad_backend={self.grad_backend!r} must be one of auto, numpy, autograd",

@@ -133,6 +133,41 @@ class ActionDist:
         assert logp.shape == (n,)
         return action, logp
 
+    def noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """The random numbers :meth:`sample_from_noise` turns into ``n`` actions, drawn from ``rng`` (float32):
+        uniforms ``(n,)`` (categorical), ``(n, k)`` (multi-categorical, Bernoulli) or standard normals ``(n, d)``.
+
+        The rollout draws them for ALL envs of the job and each process keeps its envs' rows, so a sample is
+        tied to its global env index (N processes sample what one process would); the numpy rollout policy
+        (:class:`proxrl.control.policy.NumpyPolicy`) reads the same numbers.
+        """
+        if self.kind == "gaussian":
+            return rng.standard_normal((n, self.size), dtype=np.float32)
+        return rng.random(n if self.kind == "categorical" else (n, self.size), dtype=np.float32)
+
+    def sample_from_noise(self, out: Tensor, log_std: Tensor | None, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """``(action, logprob)`` from :meth:`noise` (same device as ``out``): inverse CDF per categorical
+        (``a = #{k : u > cdf_k}``), ``u < sigmoid(l)`` per Bernoulli, ``mu + sigma * eps`` for the Gaussian."""
+        if self.kind == "categorical":
+            logp_all = out.log_softmax(-1)
+            cdf = logp_all.exp().cumsum(-1)
+            action = (noise.unsqueeze(-1) > cdf).sum(-1).clamp_(max=out.shape[-1] - 1)
+            return action, logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        if self.kind == "multi_categorical":
+            cols = []
+            for j, seg in enumerate(self._segments(out)):
+                cdf = seg.softmax(-1).cumsum(-1)
+                cols.append((noise[:, j : j + 1] > cdf).sum(-1).clamp_(max=seg.shape[-1] - 1))
+            action = torch.stack(cols, dim=1)
+            return action, self.log_prob_entropy(out, None, action, with_grad_entropy=False)[0]
+        if self.kind == "bernoulli":
+            action = (noise < torch.sigmoid(out)).long()
+            return action, self.log_prob_entropy(out, None, action, with_grad_entropy=False)[0]
+        assert log_std is not None
+        action = out + log_std.exp() * noise
+        logp = (-0.5 * noise.square() - log_std - _HALF_LOG_2PI).sum(-1)
+        return action, logp
+
     def mode(self, out: Tensor) -> Tensor:
         """The most likely action: argmax per categorical, ``l > 0`` per Bernoulli, the Gaussian mean."""
         if self.kind == "categorical":

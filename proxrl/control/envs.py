@@ -9,8 +9,12 @@ Gymnasium 1.4's native ``CartPoleVectorEnv`` supports, and pinning one mode keep
   with ``reward 0, terminated False, truncated False``. That "reset step" is not a transition of the MDP;
   the rollout marks it invalid and the update drops it from the batch, so it never enters the losses.
 
-Supported spaces: observations a flat 1-D ``Box``; actions ``Discrete`` (categorical policy) or a 1-D ``Box``
-(diagonal Gaussian). Anything else raises :class:`UserError` naming the space.
+Supported spaces (:func:`space_info`): observations a flat 1-D ``Box`` (MLP policies), a 3-D ``uint8`` image
+``Box`` (Nature-CNN policy) or a ``Dict``/``Tuple`` of those flattened to one vector (every env is built through
+:func:`~proxrl.control.envs_extra.flatten_observations`); actions ``Discrete``, ``MultiDiscrete``,
+``MultiBinary`` or a 1-D ``Box`` (:func:`~proxrl.control.distributions.action_dist_for`). Anything else raises
+:class:`UserError` naming the space. ``ALE/...`` ids get the standard Atari preprocessing
+(:func:`~proxrl.control.atari.make_atari_env_fn`; ``evaluation=True`` for evaluation envs).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 
+from proxrl.control.distributions import ActionDist, action_dist_for
 from proxrl.errors import UserCodeError, UserError
 
 __all__ = ["EnvFactory", "SpaceInfo", "make_env_fn", "make_vector_env", "space_info", "AUTORESET_MODE", "derive_seed",
@@ -34,13 +39,58 @@ EnvFactory = Callable[[], gym.Env]
 
 @dataclass(frozen=True)
 class SpaceInfo:
-    """What the policy needs to know about the spaces."""
+    """What the policy and the rollout buffers need to know about the (single-env) spaces.
 
-    obs_dim: int
-    discrete: bool
-    action_dim: int  # number of actions (Discrete) or action vector length (Box)
-    action_low: np.ndarray | None  # (action_dim,) float32 bounds of a Box, None for Discrete
-    action_high: np.ndarray | None
+    ``obs_shape``: ``(obs_dim,)`` for vector observations, ``(C, H, W)`` / ``(H, W, C)`` for images;
+    ``obs_kind``: ``"vector"`` (float32, MLP policy) or ``"image"`` (uint8, CNN policy); ``dist``: the action
+    distribution; ``action_low``/``action_high``: ``(d,)`` float32 bounds of a Box action space (None otherwise).
+    """
+
+    obs_shape: tuple[int, ...]
+    obs_kind: str
+    dist: ActionDist
+    action_low: np.ndarray | None = None
+    action_high: np.ndarray | None = None
+
+    @property
+    def obs_dim(self) -> int:
+        """Numbers per observation (``prod(obs_shape)``)."""
+        return int(np.prod(self.obs_shape))
+
+    @property
+    def discrete(self) -> bool:
+        """True for every action distribution without a Gaussian ``log_std``."""
+        return self.dist.discrete
+
+    @property
+    def action_dim(self) -> int:
+        """Width of the policy's action output: logits (Discrete: n; MultiDiscrete: sum(nvec)) or Box/MultiBinary size."""
+        return self.dist.out_dim
+
+    @property
+    def obs_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8) if self.obs_kind == "image" else np.dtype(np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON part of the summary (bounds go into tensors), for checkpoints; inverse :meth:`from_json`."""
+        d = self.dist
+        return {"obs_shape": list(self.obs_shape), "obs_kind": self.obs_kind, "obs_dim": self.obs_dim,
+                "discrete": self.discrete, "action_dim": self.action_dim, "dist": {
+                    "kind": d.kind, "size": d.size, "nvec": list(d.nvec),
+                    "start": None if d.start is None else list(d.start)}}
+
+    @staticmethod
+    def from_json(space: dict[str, Any], low: np.ndarray | None, high: np.ndarray | None) -> "SpaceInfo":
+        """Rebuild from :meth:`to_json` (also reads the older ``{obs_dim, discrete, action_dim}`` form)."""
+        if "dist" in space:
+            dd = space["dist"]
+            start = dd.get("start")
+            dist = ActionDist(str(dd["kind"]), int(dd["size"]), tuple(int(n) for n in dd["nvec"]),
+                              None if start is None else tuple(int(s) for s in start))
+            return SpaceInfo(tuple(int(s) for s in space["obs_shape"]), str(space["obs_kind"]), dist, low, high)
+        n = int(space["action_dim"])
+        dist = ActionDist("categorical", 1, (n,)) if bool(space["discrete"]) else ActionDist("gaussian", n)
+        return SpaceInfo((int(space["obs_dim"]),), "vector", dist, low, high)
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -70,10 +120,30 @@ def env_call(env_id: str, call: str, fn: Callable[..., Any], *args: Any, **kwarg
         raise env_error(env_id, call, e) from e
 
 
-def make_env_fn(env_id: str, env_fn: EnvFactory | None = None) -> EnvFactory:
-    """A zero-argument factory for one env: ``env_fn`` if given, a ``pkg.module:function`` path, or ``gym.make(id)``."""
+def make_env_fn(env_id: str, env_fn: EnvFactory | None = None, evaluation: bool = False) -> EnvFactory:
+    """A zero-argument factory for one env whose Dict/Tuple observations come flattened
+    (:func:`~proxrl.control.envs_extra.flatten_observations`).
+
+    The env is ``env_fn()`` if given, the preprocessed Atari env for an Atari id
+    (:func:`~proxrl.control.atari.make_atari_env_fn`, whole games and raw rewards with ``evaluation``), the
+    function of a ``pkg.module:function`` path, or ``gym.make(id)``.
+    """
+    from proxrl.control.envs_extra import flatten_observations
+
+    base = _base_env_fn(env_id, env_fn, evaluation)
+    return lambda: flatten_observations(base())
+
+
+def _base_env_fn(env_id: str, env_fn: EnvFactory | None, evaluation: bool) -> EnvFactory:
+    from proxrl.control.atari import is_atari, make_atari_env_fn
+
     if env_fn is not None:
         return env_fn
+    if is_atari(env_id):
+        from proxrl.control.envs_extra import require_extra_for
+
+        require_extra_for(env_id)
+        return make_atari_env_fn(env_id, evaluation=evaluation)
     if env_id in gym.registry:
         return lambda: gym.make(env_id)
     module_name, _, attr = env_id.partition(":")
@@ -95,44 +165,41 @@ def make_env_fn(env_id: str, env_fn: EnvFactory | None = None) -> EnvFactory:
     raise UserError(f"cannot build env {env_id!r}")  # pragma: no cover
 
 
-def _describe(space: Any) -> str:
-    return f"{type(space).__name__} {space}"
-
-
 def space_info(obs_space: spaces.Space, action_space: spaces.Space) -> SpaceInfo:
-    """Check the single-env spaces and summarise them; UserError naming an unsupported space."""
-    if not isinstance(obs_space, spaces.Box) or len(obs_space.shape) != 1:
-        raise UserError(
-            f"unsupported observation space {_describe(obs_space)}; proxrl control needs a flat 1-D Box "
-            "(wrap Dict/image/Discrete observations, e.g. with gymnasium.wrappers.FlattenObservation)"
-        )
-    if isinstance(action_space, spaces.Discrete):
-        if action_space.start != 0:
-            raise UserError(f"unsupported action space {_describe(action_space)}; Discrete actions must start at 0")
-        return SpaceInfo(int(obs_space.shape[0]), True, int(action_space.n), None, None)
-    if isinstance(action_space, spaces.Box) and len(action_space.shape) == 1:
+    """Check the single-env spaces and summarise them; one-line UserError naming an unsupported space.
+
+    Observations: :func:`~proxrl.control.envs_extra.observation_kind` (1-D Box -> vector, 3-D uint8 Box ->
+    image); actions: :func:`~proxrl.control.distributions.action_dist_for`.
+    """
+    from proxrl.control.envs_extra import observation_kind
+
+    kind = observation_kind(obs_space)
+    dist = action_dist_for(action_space)
+    low = high = None
+    if dist.kind == "gaussian":
         low = action_space.low.astype(np.float32)
         high = action_space.high.astype(np.float32)
-        return SpaceInfo(int(obs_space.shape[0]), False, int(action_space.shape[0]), low, high)
-    raise UserError(
-        f"unsupported action space {_describe(action_space)}; proxrl control supports Discrete and 1-D Box actions"
-    )
+    return SpaceInfo(tuple(int(s) for s in obs_space.shape), kind, dist, low, high)
 
 
 def _has_native(env_id: str, env_fn: EnvFactory | None) -> bool:
-    if env_fn is not None or env_id not in gym.registry:
+    from proxrl.control.atari import is_atari
+
+    # ale-py's AtariVectorEnv preprocesses in C++ with its own settings; Atari ids use Gymnasium's wrappers
+    if env_fn is not None or env_id not in gym.registry or is_atari(env_id):
         return False
     spec = gym.registry[env_id]
     return spec.vector_entry_point is not None and not spec.additional_wrappers
 
 
 def make_vector_env(
-    env_id: str, num_envs: int, mode: str = "auto", env_fn: EnvFactory | None = None
+    env_id: str, num_envs: int, mode: str = "auto", env_fn: EnvFactory | None = None, evaluation: bool = False
 ) -> tuple[gym.vector.VectorEnv, SpaceInfo]:
     """Build a vector env in NEXT_STEP autoreset mode and check its spaces.
 
     ``mode``: ``"native"`` uses the id's ``vector_entry_point`` (UserError if it has none or it is not
     NEXT_STEP), ``"sync"`` / ``"async"`` wrap ``num_envs`` single envs, ``"auto"`` = native when available.
+    ``evaluation``: build evaluation envs (Atari: whole games, raw rewards).
     """
     use_native = mode == "native" or (mode == "auto" and _has_native(env_id, env_fn))
     if use_native:
@@ -146,7 +213,7 @@ def make_vector_env(
                 raise UserError(f"native vector env of {env_id!r} uses autoreset mode {got}; use vector_mode sync")
             return make_vector_env(env_id, num_envs, "sync", env_fn)
     else:
-        factory = make_env_fn(env_id, env_fn)
+        factory = make_env_fn(env_id, env_fn, evaluation)
         cls = gym.vector.AsyncVectorEnv if mode == "async" else gym.vector.SyncVectorEnv
         try:
             venv = cls([factory] * num_envs, autoreset_mode=AUTORESET_MODE)

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from proxrl.control.checkpointing import load_agent
 from proxrl.control.envs import EnvFactory, SpaceInfo, derive_seed, env_call, make_vector_env
-from proxrl.control.policy import ActorCritic
 from proxrl.control.running_stats import ObsNormalizer
 from proxrl.errors import UserError
 
@@ -42,19 +42,22 @@ class Evaluator:
         self.episodes = episodes
         self.env_id = env_id
         self.num_envs = min(episodes, MAX_EVAL_ENVS)
-        self.venv, self.info = make_vector_env(env_id, self.num_envs, vector_mode, env_fn)
-        self._obs = np.zeros((self.num_envs, self.info.obs_dim), np.float32)
+        self.venv, self.info = make_vector_env(env_id, self.num_envs, vector_mode, env_fn, evaluation=True)
+        self._obs = np.zeros((self.num_envs, *self.info.obs_shape), self.info.obs_dtype)
 
     def close(self) -> None:
         self.venv.close()
 
     def evaluate(
-        self, policy: ActorCritic, obs_norm: ObsNormalizer, seed: int, record: list[np.ndarray] | None = None
+        self, policy: nn.Module, obs_norm: ObsNormalizer, seed: int, record: list[np.ndarray] | None = None
     ) -> dict:
         """``{"mean_return", "std_return", "returns", "lengths"}`` over ``self.episodes`` greedy episodes.
 
-        ``record``: if a list, the raw observations ``(k, obs_dim)`` of the counted episodes are appended to it.
+        ``policy`` acts on its own device. ``record``: if a list, the raw observations ``(k, *obs_shape)`` of
+        the counted episodes are appended to it.
         """
+        device = next(iter(policy.parameters())).device
+        dist = self.info.dist
         returns: list[float] = []
         lengths: list[int] = []
         info: SpaceInfo = self.info
@@ -71,9 +74,11 @@ class Evaluator:
                 if record is not None:
                     record.append(obs[:need][~finished[:need]].copy())
                 obs_norm(obs, self._obs, update=False)
-                action = policy.deterministic_action(torch.from_numpy(self._obs)).numpy()
+                action = policy.deterministic_action(torch.from_numpy(self._obs).to(device)).cpu().numpy()
                 if info.action_low is not None:
                     action = np.clip(action, info.action_low, info.action_high)
+                else:
+                    action = dist.to_env(action)
                 obs, reward, terminated, truncated, _ = env_call(self.env_id, "step", self.venv.step, action)
                 running = ~finished
                 ep_ret += np.where(running, reward, 0.0)
@@ -98,25 +103,43 @@ class Evaluator:
 
 
 def evaluate_run(
-    run_dir: str | Path, episodes: int | None = None, seed: int | None = None, env_fn: EnvFactory | None = None
+    run_dir: str | Path, episodes: int | None = None, seed: int | None = None, env_fn: EnvFactory | None = None,
+    device: str = "cpu", video: int = 0, video_format: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate the latest checkpoint of ``run_dir`` deterministically (greedy actions, frozen obs stats).
 
     ``episodes=None`` and ``seed=None`` use the run's own ``eval_episodes`` and evaluation seed
     (:func:`eval_seed`), so by default this reproduces the ``eval_return_mean`` logged at that checkpoint.
-    ``env_fn`` is needed only for runs trained on a Python env factory. Returns ``{"mean_return",
-    "std_return", "episodes", "returns", "lengths", "checkpoint", "seed"}``.
+    ``env_fn`` is needed only for runs trained on a Python env factory. ``device``: where the policy acts
+    (``auto|cpu|cuda|cuda:N|mps``). ``video``: also record this many greedy episodes (the first reset with
+    ``seed``) as MP4/GIF files in ``run_dir/videos`` (``video_format``: auto, mp4 or gif;
+    :func:`proxrl.control.video.record_policy_episodes`). Returns ``{"mean_return", "std_return",
+    "episodes", "returns", "lengths", "checkpoint", "seed", "device", "videos"}``.
     """
+    from proxrl import distributed as D
+
     if episodes is not None and episodes < 1:
         raise UserError(f"episodes={episodes} must be at least 1")
     if seed is not None and not 0 <= seed < 2**63:
         raise UserError(f"seed={seed} must be in [0, 2**63); omit it to use the run's own evaluation seed")
-    agent = load_agent(run_dir)
+    if video < 0:
+        raise UserError(f"video={video} must be >= 0 (episodes to record)")
+    dev = D.resolve_device(device)
+    D.configure_device(dev)
+    agent = load_agent(run_dir, dev)
     seed = eval_seed(agent.cfg.seed) if seed is None else seed
     episodes = agent.cfg.eval_episodes if episodes is None else episodes
+    videos: list[str] = []
+    if video:
+        from proxrl.control.video import record_policy_episodes
+
+        videos = [str(p) for p in record_policy_episodes(
+            agent.policy, agent.obs_norm, agent.cfg.env_id, Path(run_dir) / "videos", episodes=video, seed=seed,
+            env_fn=env_fn, fmt=video_format, name_prefix=f"eval-step-{agent.state.get('global_step', 0)}")]
     evaluator = Evaluator(agent.cfg.env_id, episodes, agent.cfg.vector_mode, env_fn)
     try:
         result = evaluator.evaluate(agent.policy, agent.obs_norm, seed)
     finally:
         evaluator.close()
-    return {**result, "episodes": episodes, "checkpoint": str(agent.checkpoint), "seed": seed}
+    return {**result, "episodes": episodes, "checkpoint": str(agent.checkpoint), "seed": seed, "device": str(dev),
+            "videos": videos}

@@ -4,7 +4,8 @@
   returns (mean +- std) against environment steps.
 * ``losses.png``: policy/value loss, entropy, approx KL, clip fraction, explained variance, learning rate
   against updates (via :func:`proxrl.runs.plot_metrics`).
-* ``policy_map.png``: the trained policy over a 2-D slice of observation space -- two observation dims on
+* ``policy_map.png`` (vector observations with Discrete or Box actions only; not drawn for images,
+  MultiDiscrete or MultiBinary): the trained policy over a 2-D slice of observation space -- two observation dims on
   the axes spanning the range the greedy policy visits (+10%), the other dims fixed at their mean over those
   visits. Colour: probability of action 0 for two actions, the argmax action for more, the mean of action
   dim 0 for Box actions. The two dims are those the policy output is most sensitive to (mean |gradient| x
@@ -108,6 +109,9 @@ def plot_policy_map(
     rd = RunDir(run_dir)
     agent = load_agent(rd.path)
     obs_dim = agent.info.obs_dim
+    if agent.info.obs_kind != "vector" or agent.info.dist.kind not in ("categorical", "gaussian"):
+        raise UserError(f"policy map needs vector observations and Discrete or Box actions; {agent.cfg.env_id!r} has "
+                        f"{agent.info.obs_kind} observations and {agent.info.dist.kind} actions")
     if obs_dim < 2:
         raise UserError(f"policy map needs at least 2 observation dims, env has {obs_dim}")
     if dims is not None and (len(dims) != 2 or dims[0] == dims[1] or not all(0 <= d < obs_dim for d in dims)):
@@ -182,5 +186,18 @@ def plot_run(run_dir: str | Path, dims: tuple[int, int] | None = None, env_fn: E
     if not rd.metrics_path.is_file():
         raise UserError(f"{rd.metrics_path} not found; is {rd.path} a proxrl run directory?")
     paths = [plot_returns(rd.path), plot_metrics(rd.path, "update", LOSS_KEYS, "losses.png", f"{rd.path.name}: PPO update")]
-    paths.append(plot_policy_map(rd.path, dims, env_fn))
+    if has_policy_map(rd.path):
+        paths.append(plot_policy_map(rd.path, dims, env_fn))
     return paths
+
+
+def has_policy_map(run_dir: str | Path) -> bool:
+    """True when the run's policy can be drawn as a map: vector observations, Discrete or Box actions."""
+    from proxrl.runs import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return True  # plot_policy_map names the missing checkpoint
+    space = load_checkpoint(ckpt)[1].get("space") or {}
+    return space.get("obs_kind", "vector") == "vector" and (space.get("dist") or {}).get("kind", "categorical") in (
+        "categorical", "gaussian")

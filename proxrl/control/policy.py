@@ -174,8 +174,13 @@ class NumpyPolicy:
         """``V(s)``: ``(N, obs_dim)`` float32 -> ``(N,)``."""
         return self._forward(obs)[:, self.n_out]
 
-    def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(action, logprob, value)`` for ``obs`` ``(N, obs_dim)``: action ``(N,)`` int64 or ``(N, d)`` float32."""
+    def act(self, obs: np.ndarray, rng: np.random.Generator | None = None, noise: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(action, logprob, value)`` for ``obs`` ``(N, obs_dim)``: action ``(N,)`` int64 or ``(N, d)`` float32.
+
+        The randomness is ``noise`` (uniforms ``(N,)`` or standard normals ``(N, d)``, float32, as
+        :meth:`proxrl.control.distributions.ActionDist.noise` draws them) or, when None, drawn from ``rng``.
+        """
         fused = self._forward(obs)
         out, value = fused[:, : self.n_out], fused[:, self.n_out]
         n = obs.shape[0]
@@ -184,10 +189,11 @@ class NumpyPolicy:
             z = logits - logits.max(axis=0)
             logp_all = z - np.log(np.exp(z).sum(axis=0))
             cdf = np.exp(logp_all).cumsum(axis=0)
-            u = rng.random(n, dtype=np.float32)
+            u = rng.random(n, dtype=np.float32) if noise is None else noise
             action = np.minimum((u > cdf).sum(axis=0), logits.shape[0] - 1)
             return action, logp_all[action, np.arange(n)], value
-        noise = rng.standard_normal(out.shape, dtype=np.float32)
+        if noise is None:
+            noise = rng.standard_normal(out.shape, dtype=np.float32)
         action = out + np.exp(self.log_std) * noise
         logp = (-0.5 * noise * noise).sum(axis=1) - (self.log_std + _HALF_LOG_2PI).sum()
         return action, logp, value

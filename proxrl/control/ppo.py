@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from proxrl import distributed as D
 from proxrl.control.adam import FlatAdam, clip_grad_norm, grad_norm
 from proxrl.control.config import ControlConfig
 from proxrl.control.ppo_grad import STAT_NAMES, NumpyPPOGradient, numpy_unsupported
@@ -54,19 +55,22 @@ __all__ = ["ppo_update", "ppo_loss", "compute_advantages", "resolve_grad_backend
 BACKENDS = ("numpy", "autograd")  # what resolve_grad_backend returns; ControlConfig.grad_backend adds "auto"
 
 
-def resolve_grad_backend(choice: str, policy: nn.Module) -> str:
+def resolve_grad_backend(choice: str, policy: nn.Module, device: torch.device | str = "cpu") -> str:
     """``"numpy"`` or ``"autograd"`` for ``policy`` from ``ControlConfig.grad_backend`` (``auto|numpy|autograd``).
 
     ``auto`` takes numpy exactly when :func:`~proxrl.control.ppo_grad.numpy_unsupported` accepts the policy
-    (proxrl's MLP ``ActorCritic``), autograd otherwise; ``numpy`` for any other policy is a one-line
-    :class:`UserError` saying why.
+    (proxrl's MLP ``ActorCritic``) and ``device`` is the CPU, autograd otherwise; ``numpy`` for any other
+    policy or device is a one-line :class:`UserError` saying why.
     """
     if choice == "autograd":
         return "autograd"
     reason = numpy_unsupported(policy)
+    if reason is None and torch.device(device).type != "cpu":
+        reason = f"it computes on the CPU and the policy is on {torch.device(device)}"
     if choice == "numpy":
         if reason is not None:
-            raise UserError(f"grad_backend='numpy' cannot train this policy: {reason}; use --grad-backend auto or autograd")
+            raise UserError(f"grad_backend='numpy' cannot train this policy: {reason}; use --grad-backend auto or "
+                            "autograd" + (" (or --device cpu)" if torch.device(device).type != "cpu" else ""))
         return "numpy"
     if choice != "auto":
         raise UserError(f"grad_backend={choice!r} must be one of auto, numpy, autograd")
@@ -93,14 +97,17 @@ def ppo_loss(
     returns: Tensor,
     cfg: ControlConfig,
     clip_coef: float,
+    normalize_advantages: bool | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO objective of one minibatch (all inputs ``(M,)``), as a loss to minimise (the specification).
 
     ``loss = policy_loss - entropy_coef * mean(entropy) + value_coef * value_loss`` with advantages
-    normalised per minibatch when ``normalize_advantages``; returns ``(loss, stats)``, stats the detached 0-d terms
-    named in :data:`~proxrl.control.ppo_grad.STAT_NAMES`.
+    normalised per minibatch when ``normalize_advantages`` (None: ``cfg.normalize_advantages``); returns
+    ``(loss, stats)``, stats the detached 0-d terms named in :data:`~proxrl.control.ppo_grad.STAT_NAMES`.
     """
-    adv = normalize(advantages) if cfg.normalize_advantages else advantages
+    if normalize_advantages is None:
+        normalize_advantages = cfg.normalize_advantages
+    adv = normalize(advantages) if normalize_advantages else advantages
     pg_loss, info = policy_loss(logprobs, old_logprobs, adv, clip_coef)
     v_loss = value_loss(values, old_values, returns, cfg.value_clip_coef)
     ent = entropy.mean()
@@ -121,20 +128,23 @@ class TorchPPOGradient:
     (with tensors instead of arrays).
     """
 
-    def __init__(self, policy: nn.Module, flat_param: torch.nn.Parameter, cfg: ControlConfig, clip_coef: float) -> None:
+    def __init__(self, policy: nn.Module, flat_param: torch.nn.Parameter, cfg: ControlConfig, clip_coef: float,
+                 normalize_advantages: bool | None = None) -> None:
         self.policy = policy
         self.flat_param = flat_param
         self.cfg = cfg
         self.clip_coef = clip_coef
+        # None: cfg.normalize_advantages; False when the caller normalised them already (several processes)
+        self.normalize_advantages = cfg.normalize_advantages if normalize_advantages is None else normalize_advantages
 
     def __call__(self, obs: Tensor, actions: Tensor, old_logprobs: Tensor, old_values: Tensor, advantages: Tensor,
                  returns: Tensor) -> np.ndarray:
         logprobs, entropy, values = self.policy.evaluate(obs, actions, self.cfg.entropy_coef > 0)
         loss, stats = ppo_loss(logprobs, entropy, values, old_logprobs, old_values, advantages, returns, self.cfg,
-                               self.clip_coef)
+                               self.clip_coef, normalize_advantages=self.normalize_advantages)
         self.flat_param.grad.zero_()
         loss.backward()
-        return torch.stack([stats[k] for k in STAT_NAMES]).double().numpy()
+        return torch.stack([stats[k] for k in STAT_NAMES]).double().cpu().numpy()
 
 
 @np.errstate(over="ignore", invalid="ignore", divide="ignore")  # NaN/inf get one line below, not warnings
@@ -159,6 +169,7 @@ def ppo_update(
     """
     if backend is None:
         backend = resolve_grad_backend(cfg.grad_backend, policy)
+    device = flat_param.device
     # 1. GAE over the (T, N) rollout, then flatten to a batch of T * N transitions.
     advantages, returns = compute_advantages(rollout, cfg.gamma, cfg.gae_lambda)
     batch = (
@@ -174,11 +185,21 @@ def ppo_update(
     batch = tuple(t[real] for t in batch)
     n_real = real.numel()
     explained_var = explained_variance(batch[3], batch[5])
+    # Several processes: each holds the whole batch (gather_rollout) and computes the gradient of its contiguous
+    # share of every minibatch, advantages normalised over the whole minibatch first; one all-reduce per
+    # minibatch then gives every process the gradient and loss terms of the whole minibatch.
+    world = D.dist_info().world_size if D.is_distributed() else 1
+    rank = D.dist_info().rank if world > 1 else 0
+    normalize_here = cfg.normalize_advantages and world > 1
     if backend == "numpy":
         loss_and_grad = NumpyPPOGradient(policy, cfg, clip_coef)
+        loss_and_grad.normalize_advantages = cfg.normalize_advantages and not normalize_here
         batch = tuple(t.numpy() for t in batch)
     elif backend == "autograd":
-        loss_and_grad = TorchPPOGradient(policy, flat_param, cfg, clip_coef)
+        loss_and_grad = TorchPPOGradient(policy, flat_param, cfg, clip_coef,
+                                         normalize_advantages=cfg.normalize_advantages and not normalize_here)
+        if device.type != "cpu":
+            batch = tuple(t.to(device) for t in batch)
     else:
         raise ValueError(f"backend={backend!r}; use one of {BACKENDS}")
     grad = flat_param.grad
@@ -195,10 +216,14 @@ def ppo_update(
             minibatches = torch.randperm(n_real, generator=generator).tensor_split(n_splits)
         stop = False
         for k, idx in enumerate(minibatches):
-            if backend == "numpy" and isinstance(idx, Tensor):
-                idx = idx.numpy()
+            if isinstance(idx, Tensor):
+                idx = idx.numpy() if backend == "numpy" else idx.to(device)
             # loss = policy_loss - entropy_coef * entropy + value_coef * value_loss; gradient into flat_param.grad
-            stats = loss_and_grad(*(t[idx] for t in batch))
+            if world == 1:
+                stats = loss_and_grad(*(t[idx] for t in batch))
+            else:
+                stats = _shared_minibatch_step(loss_and_grad, [t[idx] for t in batch], grad, world, rank,
+                                               normalize_here)
             if not math.isfinite(stats.sum()):  # one sum for the common case; check_finite names the term
                 for name, value in zip(STAT_NAMES, stats):
                     check_finite(name, float(value), f"{where}, epoch {epoch + 1}, minibatch {k + 1}")
@@ -226,3 +251,38 @@ def ppo_update(
     metrics["minibatch_steps"] = float(n_minibatches)
     metrics["batch_transitions"] = float(n_real)
     return metrics
+
+
+def _normalized(adv: Tensor | np.ndarray) -> Tensor | np.ndarray:
+    """Per-minibatch advantage normalisation as the backends compute it (:func:`proxrl.core.normalize`)."""
+    if isinstance(adv, Tensor):
+        return normalize(adv)
+    m = adv.shape[0]
+    out = adv - adv.sum() / m
+    out /= np.sqrt(out @ out / max(m - 1, 1)) + 1e-8
+    return out
+
+
+def _shared_minibatch_step(loss_and_grad, minibatch: list, grad: Tensor, world: int, rank: int,
+                           normalize_here: bool) -> np.ndarray:
+    """This process's share of one minibatch (the ``rank``-th of ``world`` contiguous, near-equal parts, as
+    ``tensor_split``): its loss terms and gradient, then one all-reduce of ``[m_r * grad, m_r * stats, m_r]``
+    so ``grad`` and the returned stats are the whole minibatch's means on every process."""
+    m = minibatch[0].shape[0]
+    start = rank * (m // world) + min(rank, m % world)
+    stop = start + m // world + (1 if rank < m % world else 0)
+    if normalize_here:
+        minibatch[4] = _normalized(minibatch[4])
+    part = [t[start:stop] for t in minibatch]
+    m_r = stop - start
+    if m_r > 0:
+        stats = loss_and_grad(*part)
+    else:  # fewer samples than processes: this one contributes nothing
+        grad.zero_()
+        stats = np.zeros(len(STAT_NAMES))
+    packed = torch.cat([grad.detach() * m_r, torch.as_tensor(np.append(stats, 1.0) * m_r, dtype=grad.dtype,
+                                                             device=grad.device)])
+    total = D.all_reduce_sum(packed)
+    weight = total[-1]
+    grad.copy_(total[: grad.numel()] / weight)
+    return (total[grad.numel(): -1] / weight).double().cpu().numpy()

@@ -17,10 +17,22 @@ Reproducibility and exact resume:
 * The first NaN or infinity in an observation, reward, loss term, gradient or weight stops the run with a
   one-line :class:`~proxrl.runs.finite.NonFiniteError` naming it, the update and the env step, before the
   next checkpoint: the newest checkpoint is the last good one.
+
+Devices and processes (docs/distributed.md): ``cfg.device`` (:func:`proxrl.distributed.resolve_device`) holds the
+policy, the optimizer state and the update's batch; envs and rollout buffers stay on the CPU. Under torchrun
+every size is global: process ``r`` steps the envs ``D.shard_indices(num_envs, r, N)`` (seeded by their global
+index), the rollouts are gathered (:func:`~proxrl.control.rollout.gather_rollout`) so GAE, normalisers and the
+minibatch order are the same on every process, each process computes the gradient of its share of every
+minibatch and one all-reduce gives all of them the whole minibatch's gradient
+(:func:`~proxrl.control.ppo.ppo_update`). Only rank 0 writes the run directory, evaluates and records videos.
+With sync/async vector envs, N processes compute what one process computes, up to the order of float sums
+(a native vector env such as CartPole's draws its resets from one generator per process, so there the runs
+differ in env randomness). A checkpoint written with N processes resumes with M.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import random
@@ -31,15 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from proxrl import distributed as D
 from proxrl.config import from_dict, to_dict
 from proxrl.control.adam import FlatAdam
 from proxrl.control.checkpointing import STATE_KEYS, Learner, build_policy, check_checkpoint, pack, restore
-from proxrl.control.config import ControlConfig, sizes
+from proxrl.control.config import RUN_INFO_KEY, ControlConfig, config_values, sizes
 from proxrl.control.envs import EnvFactory, derive_seed, make_vector_env
 from proxrl.control.evaluate import Evaluator, eval_seed
 from proxrl.control.flat_params import flatten_parameters
 from proxrl.control.ppo import ppo_update, resolve_grad_backend
-from proxrl.control.rollout import Collector
+from proxrl.control.rollout import Collector, gather_rollout
 from proxrl.control.running_stats import ObsNormalizer, RewardScaler
 from proxrl.core import constant_schedule, linear_schedule
 from proxrl.errors import UserError
@@ -48,6 +61,7 @@ from proxrl.runs import (
     RunDir,
     checkpoint_dir,
     latest_checkpoint,
+    load_checkpoint,
     load_latest_checkpoint,
     progress_bar,
     prune_checkpoints,
@@ -76,7 +90,7 @@ def _resolve_config(rd: RunDir, cfg: ControlConfig | None, resume: bool) -> Cont
         if cfg is None:
             raise UserError("train needs a config unless resuming")
         return cfg
-    saved = from_dict(ControlConfig, rd.read_config(), source=str(rd.config_path))
+    saved = from_dict(ControlConfig, config_values(rd.read_config()), source=str(rd.config_path))
     if cfg is None:
         return saved
     for f in dataclasses.fields(ControlConfig):
@@ -95,12 +109,19 @@ def _restore_checkpoint(rd: RunDir, cfg: ControlConfig, info: Any, learner: Lear
 
     One-line UserError for a checkpoint that is corrupt or misses an entry (offering the previous good one, see
     :func:`proxrl.runs.load_latest_checkpoint`), whose config differs from ``cfg`` in a field a resume may not
-    change, whose tensors do not fit the config, or that has done more steps than ``total_steps``.
+    change, whose tensors do not fit the config, or that has done more steps than ``total_steps``. With several
+    processes rank 0 picks the checkpoint and tells the others its path; every process reads it.
     """
     expected, _ = pack(cfg, info, learner, counters)
     expected = {k: v for k, v in expected.items() if not k.startswith("rng.torch_cuda")}  # present only if CUDA ran
     always = [k for k in expected if k.startswith(("optim.", "rng."))]  # the rest depends on the config: see below
-    loaded = load_latest_checkpoint(rd.path, require_state=STATE_KEYS, require_tensors=always)
+    if D.is_main():
+        loaded = load_latest_checkpoint(rd.path, require_state=STATE_KEYS, require_tensors=always)
+        D.broadcast_object({"path": None if loaded is None else str(loaded[0])})
+    else:
+        path = D.broadcast_object(None)["path"]
+        loaded = None if path is None else (Path(path), *load_checkpoint(path, require_state=STATE_KEYS,
+                                                                         require_tensors=always))
     if loaded is None:
         return None
     ckpt, tensors, state = loaded
@@ -135,52 +156,93 @@ def train(
     config; otherwise ``cfg`` may differ from it only in ``ControlConfig.resumable_fields``) and ends with
     exactly the weights an uninterrupted run would have. The run directory is locked for the life of the run
     (:meth:`proxrl.runs.RunDir.lock`): a second process on it gets a one-line error naming this one's PID.
-    Returns the metrics of the last update, including the final evaluation (``eval_return_mean``/
-    ``eval_return_std``).
+    Under torchrun (``WORLD_SIZE > 1``) every process calls it with the same arguments (see the module
+    docstring). Returns the metrics of the last update, including the final evaluation (``eval_return_mean``/
+    ``eval_return_std``), plus ``device`` (the device used) and ``processes``.
     """
     from threadpoolctl import threadpool_limits
 
     rd = RunDir(run_dir)
     if resume and not rd.has_run():  # before the lock, which would create the directory
         raise UserError(f"cannot resume: {rd.path} holds no run (no config.yaml); start it without --resume")
+    cfg = _resolve_config(rd, cfg, resume)
+    device = D.resolve_device(cfg.device)
+    dist = D.init_distributed(device)
+    D.configure_device(device)
     # numpy's BLAS runs the update's small matmuls; its worker threads spin like OpenMP's, which made the
     # update much slower on a busy 2-core machine. One thread per process is fastest for these sizes.
-    with threadpool_limits(limits=max(1, cfg.threads) if cfg is not None else 1, user_api="blas"), rd.lock():
-        return _train(cfg, run_dir, resume, progress, env_fn)
+    with threadpool_limits(limits=max(1, cfg.threads), user_api="blas"), \
+            (rd.lock() if dist.is_main else contextlib.nullcontext()):
+        return _train(cfg, rd, resume, progress, env_fn, device, dist)
+
+
+def _run_info(cfg: ControlConfig, device: torch.device, dist: D.DistInfo) -> dict[str, Any]:
+    """config.yaml's ``run_info`` section: what ran the latest session and the env preprocessing."""
+    from proxrl.control.atari import atari_settings, is_atari
+
+    info: dict[str, Any] = {"device": str(device), "processes": dist.world_size}
+    if is_atari(cfg.env_id):
+        info["atari"] = atari_settings(cfg.env_id)
+    return info
+
+
+def _check_policy_fits(cfg: ControlConfig, info: Any) -> None:
+    if info.obs_kind == "image" and cfg.norm_obs:
+        raise UserError(f"norm_obs=true is for vector observations; {cfg.env_id!r} has images {list(info.obs_shape)}, "
+                        "which the CNN scales by 1/255 itself: use --norm-obs false")
+
+
+def _weights_agree(flat_param: torch.nn.Parameter) -> None:
+    """RuntimeError unless every process holds the same weights (they must: same data, same all-reduced steps)."""
+    if not D.is_distributed():
+        return
+    hi = D.all_reduce_max(flat_param.detach())
+    lo = -D.all_reduce_max(-flat_param.detach())
+    if not torch.equal(hi, lo):
+        raise RuntimeError(f"processes hold different weights (largest gap {float((hi - lo).abs().max()):.3g}); "
+                           "please report this")
 
 
 def _train(
-    cfg: ControlConfig | None, run_dir: str | Path, resume: bool, progress: bool, env_fn: EnvFactory | None
+    cfg: ControlConfig, rd: RunDir, resume: bool, progress: bool, env_fn: EnvFactory | None,
+    device: torch.device, dist: D.DistInfo,
 ) -> dict[str, Any]:
-    rd = RunDir(run_dir)
-    cfg = _resolve_config(rd, cfg, resume)
-    rd.create(exist_ok=resume)
+    main = dist.is_main
     sz = sizes(cfg)
     torch.set_num_threads(cfg.threads)
+    shard = D.shard_indices(cfg.num_envs, dist.rank, dist.world_size, what="num_envs")
+    if main:
+        rd.create(exist_ok=resume)
 
     # Seeding: init from the global RNGs, action sampling from a numpy generator, minibatch order from a
-    # torch generator; each stream derived from the seed.
+    # torch generator; each stream derived from the seed, the same in every process.
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, MINIBATCH_STREAM))
     action_rng = np.random.default_rng(derive_seed(cfg.seed, SAMPLING_STREAM))
 
-    venv, info = make_vector_env(cfg.env_id, cfg.num_envs, cfg.vector_mode, env_fn)
+    venv, info = make_vector_env(cfg.env_id, shard.stop - shard.start, cfg.vector_mode, env_fn)
     evaluator: Evaluator | None = None
     logger: MetricsLogger | None = None
     bar = None
     try:
-        policy = build_policy(cfg, info)
-        backend = resolve_grad_backend(cfg.grad_backend, policy)
+        _check_policy_fits(cfg, info)
+        policy = build_policy(cfg, info).to(device)
+        backend = resolve_grad_backend(cfg.grad_backend, policy, device)
         flat_param = flatten_parameters(policy)  # one tensor for Adam, clipping and zeroing (speed)
         optimizer = FlatAdam(flat_param, lr=cfg.learning_rate, eps=1e-5)
         obs_norm = ObsNormalizer(info.obs_dim, cfg.norm_obs, cfg.obs_clip)
         reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma, cfg.norm_reward, cfg.reward_clip)
-        collector = Collector(venv, info, cfg.rollout_steps, obs_norm, reward_scaler, action_rng, env_id=cfg.env_id)
+        collector = Collector(venv, info, cfg.rollout_steps, obs_norm, reward_scaler, action_rng, env_id=cfg.env_id,
+                              device=device, env_slice=shard, num_envs_global=cfg.num_envs)
         learner = Learner(policy, optimizer, obs_norm, reward_scaler, generator, action_rng)
         lr_at = _schedule(cfg.lr_schedule, cfg.learning_rate)
         clip_at = _schedule(cfg.clip_schedule, cfg.clip_coef)
+        if main and cfg.video_every > 0:
+            from proxrl.control.video import check_can_record
+
+            check_can_record(cfg.env_id, env_fn)
 
         counters: dict[str, Any] = {"global_step": 0, "update": 0, "env_epoch": 0, "train_seconds": 0.0, "stopped": False}
         last_row: dict[str, Any] = {}
@@ -190,11 +252,16 @@ def _train(
             counters = {k: state[k] for k in counters}
             last_row = dict(state.get("last_row") or {})
             resume_step = counters["global_step"]
-        rd.write_config(to_dict(cfg))  # only now: a resume that fails above leaves config.yaml as it was
-        logger = MetricsLogger(rd.path, tensorboard=cfg.tensorboard, resume_from_step=resume_step)
+        if main:
+            # only now: a resume that fails above leaves config.yaml as it was
+            rd.write_config({**to_dict(cfg), RUN_INFO_KEY: _run_info(cfg, device, dist)})
+            logger = MetricsLogger(rd.path, tensorboard=cfg.tensorboard, resume_from_step=resume_step)
+            if progress:
+                where = f"{device}" + (f", {dist.world_size} processes" if dist.distributed else "")
+                print(f"training {cfg.env_id} on {where} ({backend} gradient) -> {rd.path}", flush=True)
         collector.reset(derive_seed(cfg.seed, TRAIN_ENV_STREAM, counters["env_epoch"]))
 
-        if progress:
+        if progress and main:
             bar = progress_bar(total=sz.num_updates * sz.batch_size, desc=cfg.env_id, unit="step")
             bar.update(counters["global_step"])
         recent = collections.deque(maxlen=100)
@@ -214,8 +281,8 @@ def _train(
             step = prev_step + sz.batch_size
             try:
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # NaN/inf are named below
-                    rollout = collector.collect(policy)
-                collector.check_finite(prev_step, f"update {update}")
+                    rollout = gather_rollout(collector.collect(policy))
+                collector.check_finite(rollout, prev_step, f"update {update}")
                 metrics = ppo_update(policy, optimizer, flat_param, rollout, cfg, clip_coef, generator, backend,
                                      where=f"update {update} (env step {step})")
             except NonFiniteError as e:
@@ -228,9 +295,7 @@ def _train(
             row: dict[str, Any] = {
                 "global_step": step,
                 "update": update,
-                "episodic_return": float(np.mean(rollout.episode_returns)) if rollout.episode_returns else math.nan,
-                "episodic_length": float(np.mean(rollout.episode_lengths)) if rollout.episode_lengths else math.nan,
-                "episodes": len(rollout.episode_returns),
+                **_episode_stats(rollout.episode_returns, rollout.episode_lengths),
                 **metrics,
                 "learning_rate": lr,
                 "clip_coef": clip_coef,
@@ -243,16 +308,22 @@ def _train(
 
             final = update == sz.num_updates
             if final or _crossed(step, prev_step, cfg.eval_every):
-                if evaluator is None:
-                    evaluator = Evaluator(cfg.env_id, cfg.eval_episodes, cfg.vector_mode, env_fn)
-                last_eval = evaluator.evaluate(policy, obs_norm, eval_seed(cfg.seed))
-                row["eval_return_mean"] = last_eval["mean_return"]
-                row["eval_return_std"] = last_eval["std_return"]
-                if cfg.target_return is not None and last_eval["mean_return"] >= cfg.target_return:
+                stop = False
+                if main:
+                    if evaluator is None:
+                        evaluator = Evaluator(cfg.env_id, cfg.eval_episodes, cfg.vector_mode, env_fn)
+                    last_eval = evaluator.evaluate(policy, obs_norm, eval_seed(cfg.seed))
+                    row["eval_return_mean"] = last_eval["mean_return"]
+                    row["eval_return_std"] = last_eval["std_return"]
+                    stop = cfg.target_return is not None and last_eval["mean_return"] >= cfg.target_return
+                if D.broadcast_object(bool(stop)):  # rank 0 evaluates; every process stops with it
                     final = counters["stopped"] = True
+            if main and _crossed(step, prev_step, cfg.video_every):
+                _record_video(cfg, rd, policy, obs_norm, step, env_fn)
 
             t_log = time.perf_counter()
-            logger.log(step, row)
+            if logger is not None:
+                logger.log(step, row)
             last_row = row
             if bar is not None:
                 bar.update(step - prev_step)
@@ -269,16 +340,21 @@ def _train(
             if final or _crossed(step, prev_step, cfg.checkpoint_every):
                 if not final:
                     counters["env_epoch"] += 1
-                tensors, state = pack(cfg, info, learner, counters)
-                state["last_row"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-                save_checkpoint(checkpoint_dir(rd.path, step), tensors, state)
-                prune_checkpoints(rd.path, cfg.keep_checkpoints)
+                _weights_agree(flat_param)
+                if main:
+                    tensors, state = pack(cfg, info, learner, counters)
+                    state["last_row"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                         for k, v in row.items()}
+                    save_checkpoint(checkpoint_dir(rd.path, step), tensors, state)
+                    prune_checkpoints(rd.path, cfg.keep_checkpoints)
                 if not final:
                     # Re-seed at the boundary so that a run resumed from this checkpoint continues identically.
                     collector.reset(derive_seed(cfg.seed, TRAIN_ENV_STREAM, counters["env_epoch"]))
             if final:
                 break
-        return {k: (math.nan if v is None else v) for k, v in last_row.items()}
+        result = {k: (math.nan if v is None else v) for k, v in last_row.items()}
+        result.update(device=str(device), processes=dist.world_size)
+        return result
     finally:
         if bar is not None:
             bar.close()
@@ -287,3 +363,26 @@ def _train(
         if evaluator is not None:
             evaluator.close()
         venv.close()
+
+
+def _episode_stats(returns: list[float], lengths: list[int]) -> dict[str, float]:
+    """``episodic_return`` / ``episodic_length`` (means over the episodes that ended in the job's rollout, NaN
+    if none) and ``episodes``; with several processes, over every process's episodes (one all-reduce)."""
+    if not D.is_distributed():
+        return {"episodic_return": float(np.mean(returns)) if returns else math.nan,
+                "episodic_length": float(np.mean(lengths)) if lengths else math.nan,
+                "episodes": len(returns)}
+    sums = D.all_reduce_sum(torch.tensor([math.fsum(returns), float(sum(lengths)), float(len(returns))],
+                                         dtype=torch.float64)).tolist()
+    count = int(sums[2])
+    return {"episodic_return": sums[0] / count if count else math.nan,
+            "episodic_length": sums[1] / count if count else math.nan, "episodes": count}
+
+
+def _record_video(cfg: ControlConfig, rd: RunDir, policy: torch.nn.Module, obs_norm: ObsNormalizer, step: int,
+                  env_fn: EnvFactory | None) -> None:
+    """One greedy episode of the current policy as ``run_dir/videos/step-<step>-episode-0.<mp4|gif>``."""
+    from proxrl.control.video import record_policy_episodes
+
+    record_policy_episodes(policy, obs_norm, cfg.env_id, rd.path / "videos", episodes=1, seed=eval_seed(cfg.seed),
+                           env_fn=env_fn, name_prefix=f"step-{step}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from proxrl.errors import UserError
 
-__all__ = ["record_episodes", "video_format", "greedy_policy_fn"]
+__all__ = ["record_episodes", "video_format", "greedy_policy_fn", "record_policy_episodes", "check_can_record"]
 
 FORMATS = ("auto", "mp4", "gif")
 
@@ -44,15 +44,23 @@ def greedy_policy_fn(policy: Any, obs_transform: Callable[[np.ndarray], np.ndarr
                      ) -> Callable[[np.ndarray], np.ndarray]:
     """``obs -> action`` for one unbatched observation from a policy's ``deterministic_action`` (a batch of 1).
 
-    ``obs_transform`` maps the raw observation batch ``(1, ...)`` first (e.g. frozen observation normalisation).
+    ``obs_transform`` maps the raw observation batch ``(1, ...)`` first (e.g. frozen observation normalisation);
+    float observations reach the policy as float32, pixels as uint8, on the policy's device. The action comes
+    back as the env expects it (``policy.dist.to_env`` for policies with an action distribution).
     """
     import torch
+
+    device = next(iter(policy.parameters())).device
+    dist = getattr(policy, "dist", None)
 
     def act(obs: np.ndarray) -> np.ndarray:
         batch = np.asarray(obs)[None]
         if obs_transform is not None:
             batch = obs_transform(batch)
-        return policy.deterministic_action(torch.as_tensor(batch)).numpy()[0]
+        if np.issubdtype(batch.dtype, np.floating) and batch.dtype != np.float32:
+            batch = batch.astype(np.float32)
+        action = policy.deterministic_action(torch.as_tensor(batch).to(device)).cpu().numpy()
+        return (dist.to_env(action) if dist is not None else action)[0]
 
     return act
 
@@ -175,3 +183,66 @@ def record_episodes(
     if missing:
         raise UserError(f"video: no file was written for {', '.join(missing)} (did the env render any frame?)")
     return paths
+
+
+def _policy_env_fn(env_id: str, env_fn: Callable[[], gym.Env] | None) -> Callable[[], gym.Env] | None:
+    """The rgb_array env factory :func:`record_policy_episodes` plays: Dict/Tuple observations flattened as in
+    training; None for Atari ids (:func:`record_episodes` builds their evaluation env)."""
+    from proxrl.control.atari import is_atari
+    from proxrl.control.envs import make_env_fn
+    from proxrl.control.envs_extra import flatten_observations, is_mujoco
+
+    if env_fn is not None:
+        return lambda: flatten_observations(env_fn())
+    if is_atari(env_id):
+        return None
+    if env_id not in gym.registry:  # a "pkg.module:function" factory: it decides the render mode
+        return make_env_fn(env_id)
+
+    def make() -> gym.Env:
+        if is_mujoco(env_id) and not os.environ.get("DISPLAY"):
+            os.environ.setdefault("MUJOCO_GL", "egl")
+        try:
+            env = gym.make(env_id, render_mode="rgb_array")
+        except Exception as e:  # an id that cannot render, a missing dependency
+            raise UserError(f"video: cannot build {env_id!r} with render_mode='rgb_array': "
+                            f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+        return flatten_observations(env)
+
+    return make
+
+
+def check_can_record(env_id: str, env_fn: Callable[[], gym.Env] | None = None, fmt: str = "auto") -> None:
+    """One-line UserError now (before training) if videos of ``env_id`` cannot be recorded later."""
+    video_format(fmt)
+    make = _policy_env_fn(env_id, env_fn)
+    env, _ = _make_env(env_id, make)
+    try:
+        _check_render(env, env_id)
+    finally:
+        env.close()
+
+
+def record_policy_episodes(
+    policy: Any,
+    obs_norm: Any,
+    env_id: str,
+    out_dir: str | Path,
+    episodes: int = 1,
+    seed: int = 0,
+    *,
+    env_fn: Callable[[], gym.Env] | None = None,
+    fmt: str = "auto",
+    name_prefix: str = "eval",
+    max_steps: int = 3000,
+) -> list[Path]:
+    """Videos of ``policy``'s greedy episodes (:func:`record_episodes`) with the frozen observation normaliser
+    ``obs_norm`` (:class:`proxrl.control.running_stats.ObsNormalizer`) applied as in training; ``env_fn`` for
+    runs trained on a Python env factory (it must build the env with ``render_mode="rgb_array"``)."""
+    transform = None
+    if obs_norm is not None and obs_norm.enabled:
+        def transform(batch: np.ndarray) -> np.ndarray:
+            return obs_norm(batch, np.empty(batch.shape, np.float32), update=False)
+
+    return record_episodes(greedy_policy_fn(policy, transform), env_id, out_dir, episodes, seed,
+                           env_fn=_policy_env_fn(env_id, env_fn), fmt=fmt, name_prefix=name_prefix, max_steps=max_steps)
