@@ -47,13 +47,24 @@ def _fmt(prog: str) -> argparse.HelpFormatter:
 
 # ----------------------------------------------------------------------------------------- control front-end
 def _train(args: argparse.Namespace) -> None:
+    from proxrl import distributed as D
+
+    # Under torchrun every process runs this; a failing one reports once and ends the job (no-op alone).
+    with D.fail_fast(_debug(args)):
+        _train_control(args)
+    D.shutdown()
+
+
+def _train_control(args: argparse.Namespace) -> None:
     from proxrl.control import ControlConfig, PRESETS, train
+    from proxrl.control.config import RUN_INFO_KEY, config_values
     from proxrl.runs import RunDir
 
     if args.resume:
         run = RunDir(args.resume)
         given = {k: v for k, v in C.given_options(ControlConfig, args).items() if not (k == "env_id" and v is None)}
-        cfg = C.resume_config(ControlConfig, run.read_config(), given, source=str(run.config_path))
+        given.pop(RUN_INFO_KEY, None)  # --config of a run's own config.yaml
+        cfg = C.resume_config(ControlConfig, config_values(run.read_config()), given, source=str(run.config_path))
         result = train(cfg, run.path, resume=True, progress=not args.no_progress)
         _finish_control_run(run.path, result)
         return
@@ -61,6 +72,12 @@ def _train(args: argparse.Namespace) -> None:
         raise UserError("missing ENV_ID: give a Gymnasium environment id, e.g. `proxrl train CartPole-v1`")
     base = dict(PRESETS.get(args.env_id, {})) if not args.no_preset else {}
     base["env_id"] = args.env_id
+    if getattr(args, "config", None):  # a run's config.yaml also holds its run_info section: not options
+        saved = C.load_yaml(args.config)
+        if RUN_INFO_KEY in saved:
+            base.update(config_values(saved))
+            base["env_id"] = args.env_id
+            args.config = None
     cfg = C.build(ControlConfig, args, base=base)
     run_dir = args.run_dir or f"runs/{args.env_id}_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
     result = train(cfg, run_dir, resume=False, progress=not args.no_progress)
@@ -68,12 +85,18 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _finish_control_run(run_dir: str | Path, result: dict) -> None:
+    from proxrl import distributed as D
     from proxrl.control import plot_run
 
+    if not D.is_main():  # under torchrun only rank 0 writes and reports
+        return
     plots = plot_run(run_dir)
     print(f"run directory: {run_dir}  (plots: {', '.join(p.name for p in plots)})")
     keys = ("global_step", "eval_return_mean", "eval_return_std", "episodic_return", "train_seconds", "steps_per_second")
     shown = {k: result[k] for k in keys if isinstance(result, dict) and k in result}
+    if isinstance(result, dict) and "device" in result:
+        shown["device"] = result["device"] + (f" x {result['processes']} processes" if result.get("processes", 1) > 1
+                                              else "")
     if shown:
         print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
 
@@ -81,9 +104,12 @@ def _finish_control_run(run_dir: str | Path, result: dict) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from proxrl.control import evaluate_run
 
-    r = evaluate_run(args.run_dir, episodes=args.episodes, seed=args.seed)
+    r = evaluate_run(args.run_dir, episodes=args.episodes, seed=args.seed, device=args.device,
+                     video=args.video_episodes if args.video else 0, video_format=args.video_format)
     print(f"eval {args.run_dir}: mean return {r['mean_return']:.2f} +- {r['std_return']:.2f} over {r['episodes']} "
-          f"episodes (seed {r['seed']}, {Path(r['checkpoint']).name})")
+          f"episodes (seed {r['seed']}, {Path(r['checkpoint']).name}, device {r['device']})")
+    for v in r["videos"]:
+        print(f"video: {v}")
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -236,9 +262,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue RUN_DIR from its last checkpoint (exactly as if never interrupted) with its saved "
                         "config; only --total-steps (not below the steps done), --target-return, --eval-every, "
-                        "--eval-episodes, --checkpoint-every, --keep-checkpoints, --threads and --tensorboard "
-                        "may change")
-    p.add_argument("--no-preset", action="store_true", help="ignore the tuned preset for ENV_ID; use plain defaults")
+                        "--eval-episodes, --checkpoint-every, --keep-checkpoints, --threads, --tensorboard, "
+                        "--device and --video-every may change (and the number of torchrun processes)")
+    sources = (_lazy_cls("proxrl.control.presets", "PRESET_SOURCES") or {}) if want("train") else {}
+    p.add_argument("--no-preset", action="store_true",
+                   help="ignore the tuned preset for ENV_ID; use plain defaults. Presets: "
+                        + "; ".join(f"{k} ({v})" for k, v in sources.items()))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = add("eval", _eval, "Deterministic evaluation of a control run's last checkpoint.", config_flag=False)
@@ -248,6 +277,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the evaluation envs, in [0, 2**63) (default: the run's own evaluation seed, so "
                         "the evaluation logged at the last checkpoint is reproduced)")
+    p.add_argument("--device", default="cpu", help="where the policy acts: auto, cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument("--video", action="store_true",
+                   help="also record greedy episodes as videos in RUN_DIR/videos (MP4 with moviepy, else GIF)")
+    p.add_argument("--video-episodes", type=int, default=1, help="episodes to record with --video (default: 1)")
+    p.add_argument("--video-format", default="auto", choices=("auto", "mp4", "gif"),
+                   help="video file format (default: auto = mp4 when moviepy is installed, else gif)")
 
     p = add("plot", _plot, "Draw a run's PNG plots into RUN_DIR/plots.", config_flag=False)
     p.add_argument("run_dir", metavar="RUN_DIR")
