@@ -7,7 +7,7 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 from proxrl.errors import UserError  # noqa: E402
-from proxrl.lm.data import load_rows, load_table, read_jsonl, write_jsonl  # noqa: E402
+from proxrl.lm.data import load_rows, load_table, write_jsonl  # noqa: E402
 
 ROWS = [{"question": "1+1=", "answer": "2"}, {"question": "é+2=", "answer": "x"}, {"question": "3+3=", "answer": "6"}]
 COLS = {"prompt": "question", "completion": "answer"}
@@ -134,12 +134,6 @@ def test_missing_file_and_offline_hub_name(tmp_path):
     assert msg.startswith("data 'some-org/some-data:test' is not a local file, and the hub data set "
                           "'some-org/some-data' cannot be loaded: the hub is unreachable or offline"), msg
     assert "pass a local file" in msg
-
-
-def test_read_jsonl_keeps_every_column(tmp_path):
-    p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "x": 1}, {"prompt": "b", "x": 2}])
-    assert read_jsonl(p, ["prompt"]) == [{"prompt": "a", "x": 1}, {"prompt": "b", "x": 2}]
-    assert "no column 'completion'" in err(read_jsonl, p, ["completion"])
 
 
 def test_local_files_leave_no_cache_behind(tmp_path, monkeypatch):

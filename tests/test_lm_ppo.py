@@ -102,7 +102,12 @@ def _train(cfg: PPOConfig, reward_fn=count_a, **kw):
     (dict(minibatch_size=4, grad_accum_steps=3), "grad_accum_steps=3"),
     (dict(advantage_estimator="grpo", group_size=1), "group_size"),
     (dict(temperature=0.0), "temperature=0.0"),
-    (dict(reward_model="rm", reward_fn="m:f"), "not both"),
+    (dict(reward_weights="1,x"), "'x' is not a finite number"),
+    (dict(eval_every=2), "give --eval-prompts"),
+    (dict(ptx_coef=0.5), "give --ptx-data"),
+    (dict(ptx_data="t.txt"), "ptx_coef is 0"),
+    (dict(ptx_coef=-1.0, ptx_data="t.txt"), "ptx_coef=-1.0"),
+    (dict(forward_batch_size=-1), "forward_batch_size=-1"),
 ])
 def test_config_rejects_bad_values_with_one_line(kw, needle):
     base = dict(rollout_size=8, minibatch_size=4)

@@ -18,7 +18,7 @@ from proxrl.lm.builders import build_tiny_gpt2, scalar_model_from_causal
 from proxrl.lm.heads import token_values
 from proxrl.lm.loading import load_scalar_model, save_model_and_tokenizer
 from proxrl.lm.rewards import RewardModelScorer, call_reward_fn, load_reward_fn
-from proxrl.lm.tokenization import train_bpe_tokenizer
+from proxrl.lm.tokenization import tokenizer_fingerprint, train_bpe_tokenizer
 
 torch.set_num_threads(1)
 
@@ -212,10 +212,11 @@ def test_scorer_reads_explicit_last_index(tok, rm_dir):
 
 
 def test_scorer_vocab_checks(tok, rm_dir, tmp_path):
-    RewardModelScorer(rm_dir, policy_tokenizer=tok)
+    assert RewardModelScorer(rm_dir, policy_tokenizer=tok).same_tokenizer
     other = train_bpe_tokenizer(["entirely different words here"] * 30, 280)
-    msg = err(RewardModelScorer, rm_dir, policy_tokenizer=other)
-    assert "different tokenizer" in msg
+    # another tokenizer than the policy's is no error: the scorer then re-encodes texts with its own
+    s = RewardModelScorer(rm_dir, policy_tokenizer=other)
+    assert not s.same_tokenizer and tokenizer_fingerprint(s.tokenizer) == tokenizer_fingerprint(tok)
     bigger = train_bpe_tokenizer(TEXTS + ["zebra quartz xylophone jukebox"] * 10, 320)
     assert len(bigger) > 280
     model = load_scalar_model(rm_dir)
@@ -226,6 +227,52 @@ def test_scorer_vocab_checks(tok, rm_dir, tmp_path):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     RewardModelScorer(d)
-    assert "different tokenizer" in err(RewardModelScorer, d, policy_tokenizer=other)
+    assert not RewardModelScorer(d, policy_tokenizer=other).same_tokenizer
+    # the saved fingerprint still refuses a tokenizer that is not the model's own
+    save_model_and_tokenizer(model, tok, tmp_path / "fp")
+    (tmp_path / "fp" / "tokenizer.json").unlink()
+    (tmp_path / "fp" / "tokenizer_config.json").unlink()
+    assert "different tokenizer" in err(RewardModelScorer, tmp_path / "fp", other)
     assert "needs a tokenizer" in err(RewardModelScorer, model)
     assert "does not exist" in err(RewardModelScorer, tmp_path / "missing")
+
+
+def test_reward_model_with_more_than_one_label_is_refused(tok, tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2, num_labels=2)
+    model = GPT2ForSequenceClassification(cfg)
+    save_model_and_tokenizer(model, tok, tmp_path / "two")
+    msg = err(RewardModelScorer, tmp_path / "two")
+    assert "has 2 labels" in msg and "num_labels=1" in msg
+
+
+def test_encoder_reward_model_with_its_own_tokenizer_uses_its_own_forward(tok, tmp_path):
+    """A hub-style reward model: BERT (pooled classifier head, no per-position score) with its own tokenizer and
+    chat template; texts are encoded with its tokenizer and template, and scored by its own forward."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    own = train_bpe_tokenizer(["completely other words for the reward model"] * 30 + TEXTS, 300)
+    own.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} <eos>{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=len(own), hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=1,
+                                                    max_position_embeddings=128))
+    d = tmp_path / "bert_rm"
+    save_model_and_tokenizer(bert, own, d)
+    from proxrl.lm.chat import resolve_chat_template
+
+    s = RewardModelScorer(d, policy_tokenizer=tok)
+    s.template = resolve_chat_template(s.tokenizer, "auto")
+    assert not s.per_position and not s.same_tokenizer and s.template == own.chat_template
+    prompts, comps = ["The quick", [{"role": "user", "content": "A reward"}]], [" brown fox", "model scores"]
+    got = s.score_texts(prompts, comps, batch_size=1)
+    # by hand: the rendered conversation in the reward model's tokenizer, its own forward, logit 0
+    texts = ["[user] The quick <eos>[assistant]  brown fox <eos>", "[user] A reward <eos>[assistant] model scores <eos>"]
+    bert = load_scalar_model(d)
+    for i, text in enumerate(texts):
+        ids = torch.tensor([own(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            want = bert(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0]
+        assert abs(float(got[i]) - float(want)) < 1e-5, (i, float(got[i]), float(want))

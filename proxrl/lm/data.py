@@ -26,7 +26,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import datasets
 import fsspec
@@ -34,7 +34,7 @@ import fsspec
 from proxrl.errors import UserError
 from proxrl.lm.chat import check_messages
 
-__all__ = ["Table", "load_table", "load_rows", "check_value", "write_jsonl", "read_jsonl"]
+__all__ = ["Table", "load_table", "load_rows", "check_value", "write_jsonl"]
 
 Kind = Literal["text", "messages", "text_or_messages"]
 
@@ -297,21 +297,6 @@ def load_rows(spec: str | Path, *, columns: Mapping[str, str], optional: Iterabl
                 check_value(value, kinds.get(key, "text"), f"{table.source} row {i}", columns[key])
         out.append(picked)
     return out
-
-
-def read_jsonl(path: str | Path, required_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Every row of ``path`` with all its columns; UserError unless each row has a value for ``required_keys``.
-
-    Kept for ``lm/ppo.py``'s prompt loading until it uses :func:`load_rows`.
-    """
-    table = load_table(path)
-    for key in required_keys:
-        table.require(key)
-    for i, row in enumerate(table.rows, start=1):
-        for key in required_keys:
-            if row[key] is None:
-                raise UserError(f"{table.source} row {i}: missing key {key!r} (required: {', '.join(required_keys)})")
-    return table.rows
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:

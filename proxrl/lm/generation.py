@@ -4,18 +4,23 @@ One prefill forward over the left-padded prompts, then one single-token forward 
 Position ids come from the attention mask (``cumsum(mask) - 1``), exactly as
 :func:`proxrl.lm.logprobs.response_forward` and every later PPO forward compute them, so the log-probs recorded here
 are reproduced by a full forward pass over the finished sequences (PPO's ratio is 1 before the first update).
+
+With a :class:`~proxrl.lm.heads.PolicyWithValueHead` and ``return_values=True`` each step runs the trunk once and
+applies both the LM head (at the last position) and the value head to the same hidden state, so the rollout gets
+the values V(s_t) of every response token from the sampling pass itself (no second forward over the sequences);
+they equal the full-forward values of :func:`proxrl.lm.logprobs.response_forward` up to float rounding.
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from proxrl.errors import UserError
-from proxrl.lm.heads import PolicyWithValueHead, unwrap_model
+from proxrl.lm.heads import PolicyWithValueHead, model_trunk, unwrap_model
 from proxrl.lm.logprobs import logprobs_from_logits
 from proxrl.lm.positions import position_ids_from_mask
 
@@ -34,6 +39,8 @@ class GenerationOutput:
         logprobs: (B, R) float32, ``log_softmax(logits / temperature)`` of the tempered but UNFILTERED
             distribution at the sampled tokens (see :func:`generate`), 0 where ``response_mask`` is 0.
         finished: (B,) bool, the row emitted EOS or a stop string (False: it hit ``max_new_tokens``).
+        values: (B, R) float32 values of the states before each response token (``return_values``), 0 where
+            ``response_mask`` is 0; else None.
     """
 
     sequences: Tensor
@@ -42,6 +49,7 @@ class GenerationOutput:
     response_mask: Tensor
     logprobs: Tensor
     finished: Tensor
+    values: Tensor | None = None
 
     @property
     def responses(self) -> Tensor:
@@ -99,7 +107,7 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              stop_strings: Sequence[str] = (), tokenizer: Any = None,
-             generator: torch.Generator | None = None) -> GenerationOutput:
+             generator: torch.Generator | None = None, return_values: bool = False) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` tokens for each left-padded prompt.
 
     Args:
@@ -116,6 +124,8 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
         stop_strings: a row finishes once its decoded response contains any of them (the completing token is
             included). Needs ``tokenizer``. Costs one decode per unfinished row per step.
         generator: a ``torch.Generator`` for reproducible sampling.
+        return_values: with a :class:`~proxrl.lm.heads.PolicyWithValueHead`, also return the value head's values
+            from the same trunk passes (see the module docstring); ignored for other models.
 
     Returns:
         :class:`GenerationOutput`; R is the number of steps run (< R_max if every row finished early).
@@ -139,10 +149,12 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                          f"must both be (B, P)")
+    value_model = model if return_values and isinstance(model, PolicyWithValueHead) else None
     if isinstance(model, PolicyWithValueHead):
         model = model.policy
     base = unwrap_model(model)
     cache_kw = _cache_kw(base)
+    step_fn = _model_step(model, base, cache_kw) if value_model is None else _value_head_step(value_model)
     if eos_token_id is None:
         eos_ids: list[int] = []
     elif isinstance(eos_token_id, int):
@@ -168,18 +180,15 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
     tokens: list[Tensor] = []
     logps: list[Tensor] = []
     valid: list[Tensor] = []
+    vals: list[Tensor] = []
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    fwd_kw: dict[str, Any] = {"use_cache": True}
-    if "logits_to_keep" in inspect.signature(base.forward).parameters:
-        fwd_kw["logits_to_keep"] = 1
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **fwd_kw)
+            logits, value, cache = step_fn(input_ids, mask, positions, None)
             for step in range(max_new_tokens):
-                logits = out.logits[:, -1, :].float()
-                cache = _get_cache(out)
+                logits = logits.float()
                 if temperature == 0:
                     tok = logits.argmax(dim=-1)
                     lp = logprobs_from_logits(logits, tok)
@@ -198,6 +207,8 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
                 tokens.append(tok)
                 logps.append(lp)
                 valid.append(alive)
+                if value is not None:
+                    vals.append(torch.where(alive, value.float(), torch.zeros_like(value, dtype=torch.float32)))
                 if eos_t is not None:
                     done = done | (alive & torch.isin(tok, eos_t))
                 if stop_strings:
@@ -210,8 +221,7 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break
                 mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
-                out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
-                            **{cache_kw: cache}, **fwd_kw)
+                logits, value, cache = step_fn(tok.unsqueeze(-1), mask, next_pos, cache)
                 next_pos = next_pos + 1
     finally:
         model.train(was_training)
@@ -225,4 +235,38 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
         response_mask=response_mask,
         logprobs=torch.stack(logps, 1),
         finished=done.clone(),
+        values=torch.stack(vals, 1) if value_model is not None else None,
     )
+
+
+StepFn = Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, "Tensor | None", Any]]
+
+
+def _model_step(model: Any, base: Any, cache_kw: str) -> StepFn:
+    """One cached forward of a causal LM: ``(ids, mask, positions, cache) -> (last logits (B, V), None, cache)``."""
+    fwd_kw: dict[str, Any] = {"use_cache": True}
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        fwd_kw["logits_to_keep"] = 1
+
+    def step(ids: Tensor, mask: Tensor, pos: Tensor, cache: Any) -> tuple[Tensor, None, Any]:
+        kw = {cache_kw: cache} if cache is not None else {}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw, **fwd_kw)
+        return out.logits[:, -1, :], None, _get_cache(out)
+
+    return step
+
+
+def _value_head_step(vh: PolicyWithValueHead) -> StepFn:
+    """One cached trunk forward of a shared-trunk policy: the LM head and the value head on the last hidden state
+    (as :meth:`PolicyWithValueHead.forward` computes them): ``-> (logits (B, V), values (B,), cache)``."""
+    trunk = model_trunk(vh.policy)
+    lm_head = unwrap_model(vh.policy).get_output_embeddings()
+    kw_name = _cache_kw(trunk)
+
+    def step(ids: Tensor, mask: Tensor, pos: Tensor, cache: Any) -> tuple[Tensor, Tensor, Any]:
+        kw = {kw_name: cache} if cache is not None else {}
+        out = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+        h = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[:, -1]
+        return lm_head(h), vh.value_head(h).squeeze(-1), _get_cache(out)
+
+    return step

@@ -33,17 +33,7 @@ from torch import Tensor
 
 from proxrl.core import kl_estimate
 from proxrl.errors import UserError
-from proxrl.lm import tasks
-from proxrl.lm.chat import (
-    Prompt,
-    end_of_turn_token_ids,
-    is_conversational,
-    prompt_token_ids,
-    render_prompt,
-    require_template,
-    resolve_chat_template,
-)
-from proxrl.lm.data import load_rows
+from proxrl.lm.chat import Prompt, end_of_turn_token_ids, is_conversational, require_template, resolve_chat_template
 from proxrl.lm.evaluate_config import EvaluateConfig
 from proxrl.lm.evaluation import diversity
 from proxrl.lm.generation import generate
@@ -51,9 +41,10 @@ from proxrl.lm.heads import PolicyWithValueHead, unwrap_model
 from proxrl.lm.loading import load_causal_lm
 from proxrl.lm.logprobs import response_forward
 from proxrl.lm.positions import left_pad
+from proxrl.lm.prompts import load_prompts, prompt_texts, tokenize_prompts
 from proxrl.lm.reference import reference_context
-from proxrl.lm.rewards import call_reward_fn, load_reward_fn
-from proxrl.lm.scoring import ScoreFn, reward_model_scorer
+from proxrl.lm.rewards import load_reward_fn
+from proxrl.lm.scoring import REWARD_MODEL_NAME, ScoreFn, Scorer, reward_fn_component, reward_model_component
 from proxrl.lm.tokenization import check_tokenizer_fits, load_tokenizer
 from proxrl.runs import atomic_write
 
@@ -94,25 +85,16 @@ def _lm(model: Any) -> Any:
 
 def prepare_prompts(tokenizer: Any, template: str | None, prompts: Sequence[Prompt],
                     max_prompt_length: int) -> tuple[list[list[int]], list[str]]:
-    """Token ids of each prompt (rendered with the generation prompt when ``template`` is set, its last
-    ``max_prompt_length`` tokens; an empty prompt starts from BOS, else EOS) and the prompt text a scorer is given
-    (a string prompt as it is, a list of messages as rendered)."""
-    ids_out, texts = [], []
-    fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    for i, p in enumerate(prompts):
-        where = f"prompt {i + 1}"
-        ids = prompt_token_ids(tokenizer, template, p, where)[-max_prompt_length:]
-        if not ids:
-            if fallback is None:
-                raise UserError(f"{where} encodes to no tokens and the tokenizer has no BOS/EOS to start from")
-            ids = [int(fallback)]
-        ids_out.append(ids)
-        texts.append(p if isinstance(p, str) else render_prompt(tokenizer, template, p, where))
-    return ids_out, texts
+    """Token ids of each prompt as PPO tokenizes them (:func:`proxrl.lm.prompts.tokenize_prompts`: rendered with the
+    generation prompt when ``template`` is set, its last ``max_prompt_length`` tokens; an empty prompt starts from
+    BOS, else EOS) and the prompt text a reward function is given (a string prompt as it is, a list of messages as
+    rendered)."""
+    return (tokenize_prompts(tokenizer, prompts, max_prompt_length, template),
+            prompt_texts(tokenizer, template, prompts))
 
 
 @torch.no_grad()
-def sample_side(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], prompt_texts: Sequence[str],
+def sample_side(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], prompts: Sequence[Prompt],
                 scorer: ScoreFn, *, max_new_tokens: int, temperature: float, seed: int, batch_size: int,
                 eos_token_id: int | Sequence[int] | None, stop_strings: Sequence[str] = (),
                 kl_reference: Any = None, is_reference: bool = False) -> SideSamples:
@@ -120,7 +102,7 @@ def sample_side(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
 
     Args:
         model: a causal LM (HF, PEFT or :class:`~proxrl.lm.heads.PolicyWithValueHead`).
-        prompt_ids: N token-id lists; prompt_texts: the N texts given to ``scorer``.
+        prompt_ids: N token-id lists; prompts: the N prompts (strings or lists of messages) given to ``scorer``.
         scorer: ``scorer(input_ids, attention_mask, prompt_len, response_mask, prompts, completions) -> (B,)``
             (:data:`proxrl.lm.scoring.ScoreFn`).
         temperature: > 0 samples, 0 is greedy. seed: seeds a fresh ``torch.Generator`` (no global RNG is touched),
@@ -137,7 +119,7 @@ def sample_side(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
     scores, lengths, finished, k1s, k3s = [], [], [], [], []
     for start in range(0, len(prompt_ids), batch_size):
         ids, mask = left_pad(list(prompt_ids[start:start + batch_size]), pad if pad is not None else 0)
-        texts = list(prompt_texts[start:start + batch_size])
+        texts = list(prompts[start:start + batch_size])
         if is_reference:
             with reference_context(model) as ref:
                 g = generate(ref, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -224,7 +206,7 @@ def evaluate_policy(policy: Any, reference: Any, tokenizer: Any, prompts: Sequen
     ids, texts = prepare_prompts(tokenizer, template, prompts, max_prompt_length)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
               eos_token_id=eos_token_id, stop_strings=tuple(stop_strings))
-    pol = sample_side(policy, tokenizer, ids, texts, scorer, kl_reference=reference, **kw)
+    pol = sample_side(policy, tokenizer, ids, prompts, scorer, kl_reference=reference, **kw)
     metrics = _side_metrics(pol)
     ref: SideSamples | None = None
     if reference is not None:
@@ -233,7 +215,7 @@ def evaluate_policy(policy: Any, reference: Any, tokenizer: Any, prompts: Sequen
         if cache is not None and cache.get("key") == key:
             ref = cache["reference"]
         else:
-            ref = sample_side(reference, tokenizer, ids, texts, scorer, is_reference=True, **kw)
+            ref = sample_side(reference, tokenizer, ids, prompts, scorer, is_reference=True, **kw)
             if cache is not None:
                 cache.update(key=key, reference=ref)
         assert pol.kl_k1 is not None and pol.kl_k3 is not None
@@ -265,40 +247,32 @@ def load_eval_prompts(spec: str, column: str = "prompt", num_prompts: int = 0) -
     """Held-out prompts: a built-in task name (its held-out split) or a data source read by
     :func:`proxrl.lm.data.load_rows` (a ``column`` holding a string or a list of messages per row); the first
     ``num_prompts`` (0 = all)."""
-    if not spec:
-        raise UserError("no prompts: give --prompts FILE (JSONL, JSON, CSV, Parquet, a save_to_disk directory or a "
-                        f"hub name) with a '{column}' column, or a built-in task ({', '.join(tasks.TASKS)})")
-    path = Path(spec).expanduser()
-    if spec in tasks.TASKS and not path.exists():
-        return list(tasks.task_prompts(spec, split="eval", n=num_prompts or 1_000_000))
-    if not path.exists() and not path.suffix and "/" not in spec and ":" not in spec:
-        raise UserError(f"prompts {spec!r} is neither an existing file nor a built-in task ({', '.join(tasks.TASKS)}); "
-                        f"give a data file with a '{column}' column, a save_to_disk directory or a hub name org/name")
-    rows = load_rows(spec, columns={"prompt": column}, kinds={"prompt": "text_or_messages"}, what="prompts")
-    out = [r["prompt"] for r in rows]
+    out = load_prompts(spec, None, None, column, split="eval")
     return out[:num_prompts] if num_prompts else out
 
 
 def make_eval_scorer(tokenizer: Any, *, reward_model: str | None = None, reward_fn: Any = None,
-                     reward_timeout: float | None = 300.0, trust_remote_code: bool = False) -> ScoreFn:
+                     reward_timeout: float | None = 300.0, trust_remote_code: bool = False,
+                     template: str | None = None, reward_model_chat_template: str = "auto") -> Scorer:
     """The scorer of an evaluation: a reward function (a ``"module:function"`` spec or a callable, called through
     :func:`~proxrl.lm.rewards.call_reward_fn` with ``reward_timeout`` and its real-number checks) or a reward
-    model directory (:func:`~proxrl.lm.scoring.reward_model_scorer`). Exactly one must be given."""
+    model directory (:func:`~proxrl.lm.scoring.reward_model_component`: one with its own tokenizer or chat
+    template gets the completions re-encoded). Exactly one must be given. ``tokenizer`` / ``template``: the
+    policy's."""
     if (reward_model is None) == (reward_fn is None):
         raise UserError("give exactly one of --reward-model DIR or --reward-fn module:function (got "
                         + ("both" if reward_model is not None else "neither") + ")")
     if reward_fn is not None:
         fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
-
-        def score_fn(ids: Tensor, attn: Tensor, p: int, rmask: Tensor, prompts: list, completions: list) -> Tensor:
-            return call_reward_fn(fn, prompts, completions, timeout=reward_timeout)
-
-        return score_fn
+        name = getattr(fn, "spec", None) or getattr(fn, "__name__", "reward_fn")
+        return Scorer([(str(name), 1.0, reward_fn_component(fn, tokenizer, template, reward_timeout))])
     path = Path(str(reward_model)).expanduser()
     if not path.is_dir():
         raise UserError(f"reward model directory {str(reward_model)!r} does not exist; pass a directory written by "
                         f"`proxrl reward-model` (RUN_DIR/reward_model or similar)")
-    return reward_model_scorer(str(path), tokenizer, trust_remote_code=trust_remote_code)
+    return Scorer([(REWARD_MODEL_NAME, 1.0, reward_model_component(
+        str(path), tokenizer, template, chat_template=reward_model_chat_template,
+        trust_remote_code=trust_remote_code))])
 
 
 def _model_dir(path: str | None, flag: str, what: str, example: str) -> Path:
@@ -339,7 +313,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                      f"the policy's tokenizer in {str(cfg.policy)!r}")
     ids, _ = prepare_prompts(tok, template, prompts, cfg.max_prompt_length)
     scorer = make_eval_scorer(tok, reward_model=cfg.reward_model, reward_fn=reward_fn,
-                              reward_timeout=cfg.reward_timeout, trust_remote_code=cfg.trust_remote_code)
+                              reward_timeout=cfg.reward_timeout, trust_remote_code=cfg.trust_remote_code,
+                              template=template)
     policy = load_causal_lm(policy_dir, trust_remote_code=cfg.trust_remote_code)
     check_tokenizer_fits(policy, tok, policy_dir, what="policy")
     _check_context(policy, ids, cfg.max_new_tokens, "policy")

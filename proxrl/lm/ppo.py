@@ -16,6 +16,8 @@ The recipe of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Prefe
 3. Target-KL early stop (:func:`proxrl.core.kl_early_stop`, the rule both front-ends use): when a minibatch's
    ``approx_kl`` (k3 estimate of KL(pi_old || pi)) exceeds ``target_kl``, its step is skipped and the update's
    remaining minibatches and epochs are stopped.
+4. PPO-ptx (InstructGPT eq. 2, :mod:`proxrl.lm.ptx`): with ``ptx_coef`` > 0 every optimizer step also
+   backpropagates ``ptx_coef * ptx_loss`` on the next batch of pretraining text (logged as ``ptx_loss``).
 
 Dropout is disabled everywhere, so the ratio on the first minibatch is exactly 1 up to float error (checked by
 the tests). The first NaN/inf in a reward, value, advantage, loss or gradient stops the run with one line
@@ -44,6 +46,7 @@ from proxrl.core import (
 from proxrl.lm.logprobs import critic_values, response_forward
 from proxrl.lm.positions import last_token_index
 from proxrl.lm.ppo_config import PPOConfig, PPOSizes, ResolvedOptions
+from proxrl.lm.ptx import PtxBatches, ptx_loss
 from proxrl.lm.rollout import ModelSet, Rollout, autocast_ctx
 from proxrl.runs.finite import check_finite
 
@@ -56,12 +59,13 @@ LOSS_STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "
 
 def ppo_update(ro: Rollout, models: ModelSet, optimizer: torch.optim.Optimizer, cfg: PPOConfig, sizes: PPOSizes,
                opts: ResolvedOptions, kl_coef: float, generator: torch.Generator,
-               where: str = "this update") -> dict[str, float]:
+               where: str = "this update", ptx: PtxBatches | None = None) -> dict[str, float]:
     """Advantages, then ``epochs`` x shuffled minibatches of the PPO loss on ``ro``; returns the update's metrics.
 
     ``generator`` orders the minibatches; ``where`` (e.g. ``"update 3"``) starts the position a
     :class:`~proxrl.runs.finite.NonFiniteError` names. Fills ``ro.shaped_scores``, ``ro.rewards``,
-    ``ro.advantages`` (and ``ro.returns`` for GAE).
+    ``ro.advantages`` (and ``ro.returns`` for GAE). ``ptx``: the pretraining-text batches of PPO-ptx (one batch
+    per optimizer step, weighted by ``cfg.ptx_coef``), or None.
     """
     for name, t in (("reward", ro.scores), ("reference log-prob", ro.ref_logprobs), ("value", ro.values)):
         if t is not None:
@@ -73,7 +77,8 @@ def ppo_update(ro: Rollout, models: ModelSet, optimizer: torch.optim.Optimizer, 
     # 2. epochs of shuffled minibatches, one optimizer step each (gradient accumulation over micro-batches)
     policy_params = [p for p in models.policy.parameters() if p.requires_grad]
     critic_params = [p for p in models.critic.parameters() if p.requires_grad] if models.critic is not None else []
-    sums = dict.fromkeys((*LOSS_STATS, "grad_norm", "critic_grad_norm"), 0.0)
+    stats = (*LOSS_STATS, "grad_norm", "critic_grad_norm") + (("ptx_loss",) if ptx is not None else ())
+    sums = dict.fromkeys(stats, 0.0)
     steps = epochs_done = 0
     early_stop = False
     for epoch in range(cfg.epochs):
@@ -94,6 +99,8 @@ def ppo_update(ro: Rollout, models: ModelSet, optimizer: torch.optim.Optimizer, 
             if kl_early_stop(acc["approx_kl"], cfg.target_kl):
                 early_stop = True
                 break
+            if ptx is not None:  # 4. PPO-ptx: the language-modelling loss on pretraining text
+                acc["ptx_loss"] = _ptx_backward(models.policy, next(ptx), cfg, ro.input_ids.device, at)
             acc["grad_norm"] = _clip_grad_norm(policy_params, cfg.max_grad_norm, "policy gradient", at)
             acc["critic_grad_norm"] = _clip_grad_norm(critic_params, cfg.max_grad_norm, "critic gradient", at)
             optimizer.step()
@@ -112,6 +119,16 @@ def ppo_update(ro: Rollout, models: ModelSet, optimizer: torch.optim.Optimizer, 
         metrics["value_mean"] = float(masked_mean(ro.values, ro.response_mask))
     metrics["advantage_mean"] = float(masked_mean(ro.advantages, ro.response_mask))
     return metrics
+
+
+def _ptx_backward(policy: nn.Module, batch: dict[str, Tensor], cfg: PPOConfig, device: torch.device,
+                  where: str) -> float:
+    """Backpropagate ``cfg.ptx_coef * ptx_loss`` of one pretraining batch; returns the ptx loss (nats/token)."""
+    with autocast_ctx(cfg.bf16):
+        lm = ptx_loss(policy, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    check_finite("ptx loss", lm, where)
+    (cfg.ptx_coef * lm).backward()
+    return lm.item()
 
 
 def _clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, what: str, where: str) -> float:

@@ -23,16 +23,24 @@ class PPOConfig:
     # the options ``proxrl ppo --resume RUN_DIR`` may change; any other given option must equal the run's own
     resumable_fields: ClassVar[frozenset[str]] = frozenset({
         "total_updates", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_rows", "plot", "threads",
-        "reward_timeout"})
+        "reward_timeout", "eval_prompts", "eval_every", "eval_num_prompts", "forward_batch_size",
+        "gradient_checkpointing"})
 
     # ---- models and data
     policy: str = opt("", "directory of the causal LM to fine-tune (HF format, e.g. an SFT run's output); also the frozen reference")
-    reward_model: str | None = opt(None, "directory of a scalar reward model (proxrl reward-model output); give this or --reward-fn")
-    reward_fn: str | None = opt(None, "reward function 'pkg.module:func' or 'path/file.py:func' called as func(prompts, completions) -> list of floats")
+    reward_model: str | None = opt(None, "directory of a scalar reward model: any AutoModelForSequenceClassification with one label (proxrl reward-model output, or one from the hub with its own tokenizer and chat template: completions are then re-encoded for it)")
+    reward_fn: str | None = opt(None, "reward function 'pkg.module:func' or 'path/file.py:func' called as func(prompts, completions) -> list of floats; repeat the flag (or separate with commas) for several, summed with --reward-weights (also with --reward-model)")
+    reward_weights: str = opt("", "comma-separated weights of the reward components in order: each --reward-fn, then --reward-model; each is logged as reward/<name>, their weighted sum is the reward; empty = 1 each")
+    reward_model_chat_template: str = opt("auto", "chat template the reward model reads completions in: auto (its tokenizer's own, else the policy's when it shares the policy's tokenizer, else none), none or PATH.jinja")
     reward_timeout: float = opt(300.0, "seconds a reward function may take for one batch before the run stops with an error (it runs in a worker thread)")
     critic: str = opt("policy", "value model: a directory of a scalar (seq-cls) model, or 'policy' to initialise it from the policy's trunk (TRL/InstructGPT init from the RM; 'policy' needs no extra model)")
     value_head_on_policy: bool = opt(False, "put the value head on the policy's trunk (shared weights, one forward for logits and values) instead of a separate critic")
-    prompts: str = opt("", "prompts: a JSONL file with a 'prompt' key per line, or a built-in task name (the Python API also takes a list of strings)")
+    prompts: str = opt("", "prompts: JSONL, JSON, CSV, Parquet, a save_to_disk directory or a hub name org/name[:split] with a prompt column (a string or a list of messages per row), or a built-in task name (the Python API also takes a list)")
+    prompt_column: str = opt("prompt", "column of --prompts and --eval-prompts holding the prompt")
+    chat_template: str = opt("auto", "auto (the policy tokenizer's own template, if any), none (plain text) or PATH.jinja: prompts are rendered with the generation prompt, the template's end-of-turn token ends a completion (and counts as EOS for --missing-eos-penalty), and the template is saved with the final policy")
+    eval_prompts: str = opt("", "held-out prompts (same formats as --prompts; a task name means its held-out split) evaluated every --eval-every updates and at the end: reward, KL to the reference, length, distinct-n, win rate, logged as eval/*")
+    eval_every: int = opt(0, "evaluate on --eval-prompts every N updates (and at the end); 0 = only at the end")
+    eval_num_prompts: int = opt(64, "evaluate on the first N of --eval-prompts; 0 = all")
     max_prompt_length: int = opt(256, "prompts longer than this many tokens keep their last tokens")
     run_dir: str = opt("runs/ppo", "directory of the run (config, metrics, checkpoints, plots, final policy/ and critic/)")
     seed: int = opt(0, "random seed (sampling, prompt order, minibatch shuffling, model init of heads)")
@@ -71,6 +79,12 @@ class PPOConfig:
     reward_clip: float | None = opt(None, "clip scores to [-c, c] before use; None = off")
     missing_eos_penalty: float | None = opt(None, "subtract this from the score of completions that did not end with EOS/stop string (TRL missing_eos_penalty); None = off")
     length_penalty: float = opt(0.0, "subtract this times the response length (tokens) from the score")
+    # ---- PPO-ptx (InstructGPT eq. 2)
+    ptx_coef: float = opt(0.0, "gamma of PPO-ptx: add this times the language-modelling loss on --ptx-data to each optimizer step's loss (InstructGPT: 27.8 with their loss scaling); 0 = off")
+    ptx_data: str = opt("", "pretraining text for PPO-ptx (JSONL, JSON, CSV, Parquet, .txt, a save_to_disk directory or a hub name), column --ptx-column")
+    ptx_column: str = opt("text", "column of --ptx-data holding the text")
+    ptx_seq_len: int = opt(128, "tokens per ptx block (the text is joined with EOS and cut into blocks)")
+    ptx_batch_size: int = opt(0, "ptx blocks per optimizer step; 0 = the micro-batch size (minibatch_size / grad_accum_steps)")
     # ---- sampling
     max_new_tokens: int = opt(32, "maximum tokens sampled per completion (TRL response_length = 53)")
     temperature: float = opt(0.7, "sampling temperature > 0; the policy's log-probs are taken at this temperature (TRL: 0.7)")
@@ -79,6 +93,8 @@ class PPOConfig:
     stop_strings: str = opt("", "comma-separated strings that end a completion (like EOS; '\\n' = newline); empty = none")
     # ---- systems
     bf16: bool = opt(False, "run forwards under torch.autocast(bfloat16) (weights and optimizer stay float32)")
+    gradient_checkpointing: bool = opt(False, "recompute each transformer layer's activations in the backward pass (less memory, ~30% more training compute)")
+    forward_batch_size: int = opt(0, "rows per forward in the rollout's reference, critic and reward-model passes (bounds their memory on long completions); 0 = the whole rollout at once")
     lora_r: int = opt(0, "LoRA rank for the policy (0 = full fine-tuning); with LoRA the reference is the adapters-disabled base")
     lora_alpha: int = opt(16, "LoRA alpha (peft default 8; 16 is common)")
     lora_dropout: float = opt(0.0, "LoRA dropout saved in the adapter config; never applied during PPO: the policy stays in eval mode (dropout off) so the ratio is exactly 1 at the first minibatch")
@@ -141,8 +157,30 @@ class PPOConfig:
         check(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         check(bool(self.run_dir), "run_dir is empty; give --run-dir")
-        check(not (self.reward_model and self.reward_fn),
-              f"give either reward_model={self.reward_model!r} or reward_fn={self.reward_fn!r}, not both")
+        for part in (self.reward_weights or "").split(","):
+            try:
+                w = float(part) if part.strip() else 0.0
+            except ValueError:
+                w = math.nan
+            check(math.isfinite(w), f"reward_weights={self.reward_weights!r}: {part.strip()!r} is not a finite "
+                                    f"number; give comma-separated numbers like 1,0.5")
+        check(bool(self.prompt_column), "prompt_column is empty; give --prompt-column NAME")
+        check(self.chat_template.strip() != "", "chat_template is empty; give auto, none or PATH.jinja")
+        check(self.reward_model_chat_template.strip() != "",
+              "reward_model_chat_template is empty; give auto, none or PATH.jinja")
+        check(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")
+        check(self.eval_num_prompts >= 0, f"eval_num_prompts={self.eval_num_prompts} must be >= 0 (0 = all)")
+        check(not self.eval_every or bool(self.eval_prompts),
+              f"eval_every={self.eval_every} needs held-out prompts; give --eval-prompts")
+        check(self.ptx_coef >= 0 and math.isfinite(self.ptx_coef), f"ptx_coef={self.ptx_coef} must be >= 0")
+        check(not self.ptx_coef or bool(self.ptx_data), f"ptx_coef={self.ptx_coef} needs pretraining text; give "
+                                                        f"--ptx-data")
+        check(self.ptx_coef > 0 or not self.ptx_data,
+              f"ptx_data={self.ptx_data!r} is given but ptx_coef is 0; give --ptx-coef > 0 (or drop --ptx-data)")
+        check(bool(self.ptx_column), "ptx_column is empty; give --ptx-column NAME")
+        check(self.ptx_seq_len >= 2, f"ptx_seq_len={self.ptx_seq_len} must be >= 2")
+        check(self.ptx_batch_size >= 0, f"ptx_batch_size={self.ptx_batch_size} must be >= 0 (0 = micro-batch size)")
+        check(self.forward_batch_size >= 0, f"forward_batch_size={self.forward_batch_size} must be >= 0 (0 = all)")
         check(self.critic != "", "critic is empty; give a directory or 'policy'")
         check(_pos(self.reward_timeout), f"reward_timeout={self.reward_timeout} must be > 0 seconds")
 

@@ -3,9 +3,14 @@
 Per update: sample ``rollout_size`` prompts x ``group_size`` completions (:func:`proxrl.lm.rollout.collect_rollout`),
 run :func:`proxrl.lm.ppo.ppo_update` on them, adapt the KL coefficient, log, and every ``checkpoint_every`` updates
 save everything needed for a bit-exact resume (:mod:`proxrl.lm.train_state`: weights, AdamW state, LR schedule,
-RNG and generator states, the KL controller). The run directory follows :mod:`proxrl.runs.rundir`'s order: its lock
-for the life of the run, every input validated (config, resume checkpoint, models, prompts, reward), and only then
-the tree and ``config.yaml`` written.
+RNG and generator states, the KL controller, the PPO-ptx data position). The run directory follows
+:mod:`proxrl.runs.rundir`'s order: its lock for the life of the run, every input validated (config, resume
+checkpoint, models, prompts, chat template, reward, ptx data), and only then the tree and ``config.yaml`` written.
+
+Chat models (``--chat-template``): prompts (strings or lists of messages) are rendered with the generation prompt,
+the template's end-of-turn token ends a completion like EOS, and the template is saved with the final policy.
+With ``--eval-prompts`` the policy is evaluated against the reference (:func:`proxrl.lm.heldout.evaluate_policy`)
+every ``eval_every`` updates and at the end, logged as ``eval/*``.
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ from proxrl.config import to_dict
 from proxrl.core import AdaptiveKLController, FixedKLController
 from proxrl.errors import UserError
 from proxrl.lm.builders import scalar_model_from_causal
+from proxrl.lm.chat import end_of_turn_token_ids, is_conversational, require_template, resolve_chat_template
+from proxrl.lm.data import load_rows
 from proxrl.lm.heads import PolicyWithValueHead, policy_with_value_head, unwrap_model
+from proxrl.lm.heldout import evaluate_policy
 from proxrl.lm.layers import disable_dropout
 from proxrl.lm.loading import load_causal_lm, load_scalar_model, save_model_and_tokenizer
 from proxrl.lm.lora import apply_lora
@@ -30,7 +38,8 @@ from proxrl.lm.plots import plot_run
 from proxrl.lm.positions import left_pad
 from proxrl.lm.ppo import ppo_update
 from proxrl.lm.ppo_config import PPOConfig, PPOSizes, ResolvedOptions
-from proxrl.lm.prompts import PROMPTS_FILE, keep_prompts, load_prompts, tokenize_prompts
+from proxrl.lm.prompts import PROMPTS_FILE, keep_prompts, load_prompts, prompt_texts, tokenize_prompts
+from proxrl.lm.ptx import PtxBatches
 from proxrl.lm.reference import reference_from_policy
 from proxrl.lm.rollout import ModelSet, Rollout, collect_rollout
 from proxrl.lm.scoring import make_scorer
@@ -62,8 +71,10 @@ def train_ppo(cfg: PPOConfig, prompts: Sequence[str] | None = None, *, reward_fn
 
     Args:
         cfg: the :class:`PPOConfig`.
-        prompts: prompt strings (overrides ``cfg.prompts``; kept in run_dir/prompts.jsonl for a CLI resume).
-        reward_fn: a Python callable ``fn(prompts, completions) -> list[float]`` (overrides ``cfg.reward_fn``).
+        prompts: prompt strings or lists of messages (overrides ``cfg.prompts``; kept in run_dir/prompts.jsonl for a
+            CLI resume).
+        reward_fn: a Python callable ``fn(prompts, completions) -> list[float]``, or a list of them (overrides
+            ``cfg.reward_fn``; combined with ``cfg.reward_model`` if set, weighted by ``cfg.reward_weights``).
         resume: continue ``cfg.run_dir`` (wherever it now lives) from its latest checkpoint; the result is
             bit-identical to an uninterrupted run with the same config (``total_updates`` may be raised to train
             longer, never lowered below the updates done).
@@ -89,6 +100,9 @@ class PPOTrainer:
             while self.update < cfg.total_updates:
                 last = self._one_update()
                 self.update += 1
+                if self.eval_prompts and (self.update == cfg.total_updates or (
+                        cfg.eval_every and self.update % cfg.eval_every == 0)):
+                    last.update(self._evaluate())
                 logger.log(self.update, last)
                 bar.update(1)
                 bar.set_postfix({"reward": last["reward"], "kl": last["ref_kl"],
@@ -118,12 +132,15 @@ class PPOTrainer:
             self.models, self.tokenizer, ids, mask, prompts, self.score_fn,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
             stop_strings=self.opts.stop_strings, generator=self.sample_gen, bf16=cfg.bf16,
+            eos_token_id=self.eos_ids, forward_batch_size=cfg.forward_batch_size,
         )
         kl_coef = self.kl_ctl.coef
         t1 = time.perf_counter()
         try:
+            if cfg.gradient_checkpointing:
+                _arm_gradient_checkpointing(self.models)
             m = ppo_update(ro, self.models, self.optimizer, cfg, self.sizes, self.opts, kl_coef, self.data_gen,
-                           where=f"update {self.update + 1}")
+                           where=f"update {self.update + 1}", ptx=self.ptx)
         except NonFiniteError as e:
             raise NonFiniteError(f"{e}; last good checkpoint: {self.last_good or 'none yet'} (lower "
                                  f"--learning-rate or check the reward)") from e
@@ -136,11 +153,24 @@ class PPOTrainer:
                  time_scoring=ro.timings["scoring"], time_training=t2 - t1, time_update=t2 - t0,
                  tokens_per_second=n_tokens / max(t2 - t0, 1e-9),
                  generation_tokens_per_second=n_tokens / max(ro.timings["generation"], 1e-9))
+        m.update({f"reward/{name}": float(s.mean()) for name, s in ro.score_parts.items()})
         if cfg.sample_every and (self.update + 1) % cfg.sample_every == 0:
             self._sample_table(ro)
         return m
 
-    def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def _evaluate(self) -> dict[str, float]:
+        """``eval/*`` metrics of the policy against the reference on the held-out prompts (own seeded generator:
+        the training RNG streams are untouched, so a resume stays bit-exact)."""
+        cfg = self.cfg
+        result = evaluate_policy(
+            self.models.policy, self.models.ref, self.tokenizer, self.eval_prompts, self.score_fn,
+            template=self.template, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+            batch_size=cfg.forward_batch_size or cfg.rollout_size * cfg.group_size,
+            max_prompt_length=cfg.max_prompt_length, stop_strings=self.opts.stop_strings, eos_token_id=self.eos_ids,
+            cache=self.eval_cache)
+        return {f"eval/{k}": float(v) for k, v in result["metrics"].items()}
+
+    def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor, list]:
         cfg, n = self.cfg, len(self.prompts)
         if n >= cfg.rollout_size:
             idx = torch.randperm(n, generator=self.data_gen)[: cfg.rollout_size]
@@ -159,8 +189,9 @@ class PPOTrainer:
         assert ro.shaped_scores is not None
         lines = [f"### update {self.update + 1}", "", "| # | prompt | completion | score | reward |",
                  "|---|---|---|---|---|"]
+        texts = prompt_texts(self.tokenizer, self.template, ro.prompts[: self.cfg.sample_rows])
         for i in range(min(self.cfg.sample_rows, len(ro.prompts))):
-            lines.append(f"| {i} | {cell(ro.prompts[i])} | {cell(ro.completions[i])} | "
+            lines.append(f"| {i} | {cell(texts[i])} | {cell(ro.completions[i])} | "
                          f"{ro.scores[i].item():.4g} | {ro.shaped_scores[i].item():.4g} |")
         text = "\n".join(lines) + "\n"
         tqdm.write(text)
@@ -168,8 +199,9 @@ class PPOTrainer:
             f.write(text + "\n")
 
     # ------------------------------------------------------------------------------------------- setup
-    def __init__(self, cfg: PPOConfig, prompts: Sequence[str] | None = None, *,
-                 reward_fn: Callable | None = None, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: PPOConfig, prompts: Sequence | None = None, *,
+                 reward_fn: Callable | Sequence[Callable] | None = None, resume: bool = False,
+                 progress: bool = True) -> None:
         self.cfg = cfg
         self.sizes = PPOSizes.from_config(cfg)
         self.opts = ResolvedOptions.from_config(cfg)
@@ -187,20 +219,32 @@ class PPOTrainer:
                                 f"already done; give at least {done}")
         elif run.has_run():
             run.create(exist_ok=False, outputs=RUN_OUTPUTS)  # "already exists; pass --resume" (or reuse debris)
-        self.prompts = load_prompts(cfg.prompts, prompts, run.path)
+        self.prompts = load_prompts(cfg.prompts, prompts, run.path, cfg.prompt_column)
+        self.eval_prompts = load_prompts(cfg.eval_prompts, None, None, cfg.prompt_column, split="eval",
+                                         what="eval prompts") if cfg.eval_prompts else []
+        if cfg.eval_num_prompts:
+            self.eval_prompts = self.eval_prompts[: cfg.eval_num_prompts]
         if not cfg.policy:
             raise UserError("no policy: give --policy DIR (a causal LM saved with save_pretrained)")
         torch.manual_seed(cfg.seed)  # heads / LoRA init
         self.tokenizer = load_tokenizer(cfg.policy)
+        self.template = require_template(
+            resolve_chat_template(self.tokenizer, cfg.chat_template), cfg.chat_template,
+            any(is_conversational(p) for p in [*self.prompts, *self.eval_prompts]),
+            f"the policy's tokenizer in {str(cfg.policy)!r}")
+        self.eos_ids = end_of_turn_token_ids(self.tokenizer, self.template) or None  # end-of-turn counts as EOS
+        self.prompt_ids = tokenize_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length, self.template)
+        eval_ids = tokenize_prompts(self.tokenizer, self.eval_prompts, cfg.max_prompt_length, self.template)
         self.models = self._build_models()
-        self.prompt_ids = tokenize_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length)
         model_cfg = unwrap_model(self.models.policy).config
         ctx = getattr(model_cfg, "n_positions", None) or getattr(model_cfg, "max_position_embeddings", None)
-        longest = max(len(t) for t in self.prompt_ids)
+        longest = max(len(t) for t in [*self.prompt_ids, *eval_ids])
         if ctx is not None and longest + cfg.max_new_tokens > ctx:
             raise UserError(f"prompts of up to {longest} tokens + max_new_tokens {cfg.max_new_tokens} exceed the "
                             f"policy's context of {ctx} tokens; lower --max-prompt-length or --max-new-tokens")
-        self.score_fn = make_scorer(cfg, self.tokenizer, reward_fn)
+        self.score_fn = make_scorer(cfg, self.tokenizer, reward_fn, self.template)
+        self.eval_cache: dict = {}
+        self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler(done=0)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -230,6 +274,8 @@ class PPOTrainer:
             ref = reference_from_policy(policy, use_lora_adapters=True)
         else:
             ref = reference_from_policy(policy)
+        if cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) and no input grads
+            unwrap_model(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         critic = None
         if self.opts.uses_critic and cfg.value_head_on_policy:
             policy = policy_with_value_head(policy, head_std=0.0)
@@ -240,8 +286,18 @@ class PPOTrainer:
                 critic = load_scalar_model(cfg.critic, trust_remote_code=cfg.trust_remote_code, allow_new_head=True)
                 check_tokenizer_fits(critic, tok, cfg.critic, what="critic")
             disable_dropout(critic).eval()
+            if cfg.gradient_checkpointing:
+                critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.eval()
         return ModelSet(policy=policy, ref=ref, critic=critic)
+
+    def _ptx_batches(self) -> PtxBatches:
+        """The PPO-ptx text (``--ptx-data``, column ``--ptx-column``) as seeded batches of ``ptx_seq_len`` tokens."""
+        cfg = self.cfg
+        rows = load_rows(cfg.ptx_data, columns={"text": cfg.ptx_column}, what="ptx data")
+        return PtxBatches([r["text"] for r in rows], self.tokenizer, cfg.ptx_seq_len,
+                          cfg.ptx_batch_size or self.sizes.micro_batch_size, seed=cfg.seed,
+                          source=f"ptx data {cfg.ptx_data!r}")
 
     def _make_optimizer(self) -> torch.optim.AdamW:
         """One AdamW, a param group per model; a shared-trunk value head gets the critic's learning rate."""
@@ -276,6 +332,8 @@ class PPOTrainer:
 
     def _save(self) -> Path:
         loop = {"kl_controller": self.kl_ctl.state_dict(), "sample_gen": generator_state(self.sample_gen)}
+        if self.ptx is not None:
+            loop["ptx"] = self.ptx.state_dict()
         try:
             path = save_train_state(self.run_dir, self.update, self._modules(), self.optimizer, self.scheduler,
                                     self.data_gen, loop, keep=self.cfg.keep_checkpoints)
@@ -292,17 +350,38 @@ class PPOTrainer:
                             f"another proxrl version: delete it or use another checkpoint")
         self.kl_ctl.load_state_dict(loop["kl_controller"])
         set_generator_state(self.sample_gen, loop["sample_gen"])
+        if self.ptx is not None:
+            if "ptx" not in loop:
+                raise UserError(f"checkpoint {path} was saved without PPO-ptx; resume it without --ptx-coef/--ptx-data")
+            self.ptx.load_state_dict(loop["ptx"])
         # this config's schedule from here on: a resume may have raised total_updates (same lrs when it did not)
         self.scheduler = self._make_scheduler(done=self.update)
         self.last_good = path
 
     def _save_final(self) -> None:
         """run_dir/policy/ (a plain model, LoRA merged; with its value head) and run_dir/critic/: HF directories
-        loadable with ``from_pretrained``."""
+        loadable with ``from_pretrained``; the chat template in use is saved as the tokenizer's ``chat_template``."""
+        if self.template is not None:
+            self.tokenizer.chat_template = self.template
         save_model_and_tokenizer(self.models.policy, self.tokenizer, self.run_dir.path / "policy",
                                  merge_lora=bool(self.cfg.lora_r))
         if self.models.critic is not None:
             save_model_and_tokenizer(self.models.critic, self.tokenizer, self.run_dir.path / "critic")
+
+
+def _arm_gradient_checkpointing(models: ModelSet) -> None:
+    """Let the gradient-checkpointed layers recompute in this update's backward.
+
+    HF checkpoints a layer only while it is in training mode; the PPO models stay in eval mode (no dropout, so the
+    first ratio is exactly 1), so only the ``training`` flag of the modules that checkpoint is set (not of their
+    children): dropout and attention dropout stay off, and generation's ``eval()`` resets it after each update.
+    """
+    for model in (models.policy, models.critic):
+        if model is None:
+            continue
+        for m in model.modules():
+            if getattr(m, "gradient_checkpointing", False) is True:
+                m.training = True
 
 
 def _drop_sample_tables_after(path: Path, update: int) -> None:

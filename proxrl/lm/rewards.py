@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import json
 import numbers
 import sys
 import threading
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from proxrl.errors import UserCodeError, UserError
+from proxrl.lm.chat import is_conversational, preference_texts
 from proxrl.lm.heads import sequence_scores, unwrap_model
 from proxrl.lm.loading import load_scalar_model
 from proxrl.lm.messages import describe, one_line, short_repr
@@ -38,7 +40,8 @@ from proxrl.lm.positions import last_token_index
 from proxrl.lm.tokenization import check_tokenizer_fits, saved_tokenizer, tokenizer_fingerprint
 from proxrl.runs.finite import first_non_finite
 
-__all__ = ["RewardFunction", "load_reward_fn", "call_reward_fn", "check_finite_scores", "RewardModelScorer"]
+__all__ = ["RewardFunction", "load_reward_fn", "call_reward_fn", "check_finite_scores", "RewardModelScorer",
+           "reward_model_labels"]
 
 
 class RewardFunction:
@@ -249,63 +252,126 @@ def _as_scores(raw: Any, name: str, n: int) -> Tensor:
     return scores
 
 
+def reward_model_labels(model_dir: str | Path) -> int | None:
+    """The number of labels ``model_dir/config.json`` declares (``id2label`` / ``num_labels``; a
+    sequence-classification config without either has transformers' default of 2), None for another config (a
+    causal LM's: loading then decides)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    if isinstance(cfg.get("id2label"), dict):
+        return len(cfg["id2label"])
+    n = cfg.get("num_labels")
+    if isinstance(n, int):
+        return n
+    archs = cfg.get("architectures") or []
+    return 2 if any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in archs) else None
+
+
 class RewardModelScorer:
-    """Scores token sequences with a trained scalar reward model, reading the head at an explicit index.
+    """Scores sequences with a scalar reward model: any ``AutoModelForSequenceClassification`` with one label.
+
+    Two ways in:
+
+    * :meth:`score_ids`: token ids of the reward model's own tokenizer (the policy's, when they are the same), read
+      at an explicit index per row: the last real token for a decoder whose ``score`` head applies at every
+      position (GPT-2, Llama, ... and every proxrl reward model); a model with another head (an encoder such as
+      BERT / DeBERTa with a pooled ``classifier``) is called through its own ``forward`` on right-padded rows and
+      its single logit taken (:attr:`per_position` False).
+    * :meth:`score_texts`: prompt and completion texts encoded with the reward model's tokenizer and chat template
+      (:meth:`encode`); the way in when the policy's tokenizer or template differs from the reward model's.
 
     Args:
-        model: a seq-cls model (num_labels=1) or a local directory saved by ``save_model_and_tokenizer``.
-        tokenizer: the reward model's tokenizer; default: the one saved in the model directory.
-        policy_tokenizer: the tokenizer that produced the ids given to :meth:`score_ids` (the policy's). It must
-            be the reward model's tokenizer: checked by fingerprint (if the directory has one / a saved
-            tokenizer) and by size (``len(tokenizer)`` <= embedding rows).
+        model: a seq-cls model or a local directory (loaded with ``num_labels=1``; a directory declaring more than
+            one label is refused).
+        tokenizer: the reward model's tokenizer; default: the one saved in the model directory, else
+            ``policy_tokenizer``.
+        policy_tokenizer: the policy's tokenizer; :attr:`same_tokenizer` says whether its ids can be scored as
+            they are (same vocabulary fingerprint, and it fits the embedding).
+        template: the reward model's chat template (resolved, e.g. by
+            :func:`proxrl.lm.chat.resolve_chat_template`) used by :meth:`encode`, or None for plain text.
 
     Raises:
-        UserError: on a load failure, a tokenizer larger than the embedding, or a tokenizer mismatch.
+        UserError: on a load failure, more than one label, or a tokenizer larger than the embedding.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, policy_tokenizer: Any = None,
-                 model_dir: str | Path | None = None, dtype: Any = None, trust_remote_code: bool = False) -> None:
+                 model_dir: str | Path | None = None, dtype: Any = None, trust_remote_code: bool = False,
+                 template: str | None = None) -> None:
         if isinstance(model, (str, Path)):
             model_dir = Path(model)
+            n_labels = reward_model_labels(model_dir) if model_dir.is_dir() else None
+            if n_labels is not None and n_labels != 1:
+                raise UserError(f"the reward model in {str(model_dir)!r} has {n_labels} labels; PPO needs a scalar "
+                                f"reward model with one label (num_labels=1), e.g. one trained with `proxrl "
+                                f"reward-model`")
             model = load_scalar_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         if tokenizer is None and model_dir is not None:
             tokenizer = saved_tokenizer(model_dir)
         if tokenizer is None and policy_tokenizer is None:
             raise UserError("RewardModelScorer needs a tokenizer: none was given and none is saved next to the "
                             "reward model; pass tokenizer=")
-        if tokenizer is not None and policy_tokenizer is not None:
-            if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(policy_tokenizer):
-                where = f" in {str(model_dir)!r}" if model_dir is not None else ""
-                raise UserError(f"the reward model{where} uses a different tokenizer than the policy (len "
-                                f"{len(tokenizer)} vs {len(policy_tokenizer)}); train the reward model with the "
-                                f"policy's tokenizer")
         self.tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
         check_tokenizer_fits(model, self.tokenizer, model_dir, what="reward model")
-        if policy_tokenizer is not None and policy_tokenizer is not self.tokenizer:
-            check_tokenizer_fits(model, policy_tokenizer, model_dir, what="reward model")
+        self.same_tokenizer = policy_tokenizer is None or policy_tokenizer is self.tokenizer or (
+            tokenizer_fingerprint(self.tokenizer) == tokenizer_fingerprint(policy_tokenizer))
+        self.template = template
         self.model = model.eval()
-        self.vocab_rows = unwrap_model(model).get_input_embeddings().weight.shape[0]
+        base = unwrap_model(model)
+        self.vocab_rows = base.get_input_embeddings().weight.shape[0]
+        self.per_position = isinstance(getattr(base, "score", None), torch.nn.Module)
+        self.model_dir = model_dir
 
     @torch.no_grad()
     def score_ids(self, input_ids: Tensor, attention_mask: Tensor, last_index: Tensor | None = None) -> Tensor:
-        """(B, T) ids + mask -> (B,) float32 scores at ``last_index`` (default: last position whose mask is 1)."""
+        """(B, T) ids of the reward model's tokenizer + mask -> (B,) float32 scores at ``last_index`` (default:
+        the last position whose mask is 1). A model without a per-position head ignores ``last_index`` and reads
+        each row's tokens (mask 1) right-padded through its own forward."""
         hi = int(input_ids.max()) if input_ids.numel() else 0
         if hi >= self.vocab_rows or (input_ids.numel() and int(input_ids.min()) < 0):
             raise UserError(f"token id {hi} is outside the reward model's vocabulary of {self.vocab_rows}; use the "
                             f"tokenizer the reward model was trained with")
+        if not self.per_position:
+            return self._forward_scores(input_ids, attention_mask)
         if last_index is None:
             last_index = last_token_index(attention_mask)
         return sequence_scores(self.model, input_ids, attention_mask, last_index)
 
-    def encode(self, prompts: Sequence[str], completions: Sequence[str], append_eos: bool = True,
+    def _forward_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        rows = [r[m.bool()] for r, m in zip(input_ids, attention_mask)]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), int(pad), dtype=torch.long, device=input_ids.device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=input_ids.device)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        return logits.reshape(len(rows), -1)[:, 0].float()
+
+    def encode(self, prompts: Sequence[Any], completions: Sequence[str], append_eos: bool = True,
                max_length: int | None = None) -> tuple[Tensor, Tensor]:
-        """Prompt and completion tokenized separately, concatenated (+ EOS), LEFT-padded: ids, mask (B, T)."""
+        """Prompt and completion tokenized separately with the reward model's tokenizer, concatenated, LEFT-padded:
+        ids, mask (B, T).
+
+        A prompt is a string or a list of messages. With :attr:`template` (or a list of messages) the pair is
+        rendered as the reward model was trained on it (:func:`proxrl.lm.chat.preference_texts`: the prompt with
+        the generation prompt, the completion as an assistant turn closed by the end-of-turn marker) and no EOS is
+        added; without one EOS is appended (``append_eos``), as ``proxrl reward-model`` encodes plain pairs.
+        """
         tok = self.tokenizer
         rows = []
-        for p, c in zip(prompts, completions, strict=True):
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            eos = append_eos
+            if self.template is not None or is_conversational(p):
+                p, c, _ = preference_texts(tok, self.template, p, c, c, f"reward model input {i + 1}")
+                eos = append_eos and self.template is None
             ids = list(tok(p, add_special_tokens=False)["input_ids"]) if p else []
             ids += list(tok(c, add_special_tokens=False)["input_ids"]) if c else []
-            if append_eos and tok.eos_token_id is not None:
+            if eos and tok.eos_token_id is not None:
                 ids.append(tok.eos_token_id)
             if max_length is not None:
                 ids = ids[-max_length:]
@@ -319,10 +385,12 @@ class RewardModelScorer:
             mask[i, width - len(r):] = 1
         return input_ids, mask
 
-    def score_texts(self, prompts: Sequence[str], completions: Sequence[str], append_eos: bool = True,
+    def score_texts(self, prompts: Sequence[Any], completions: Sequence[str], append_eos: bool = True,
                     max_length: int | None = None, batch_size: int = 64) -> Tensor:
-        """Score text pairs (encoded by :meth:`encode`) -> (B,) float32; UserError on NaN/inf."""
+        """Score (prompt, completion) pairs encoded by :meth:`encode`, ``batch_size`` rows per forward ->
+        (B,) float32; UserError on NaN/inf."""
         prompts, completions = list(prompts), list(completions)
+        batch_size = batch_size if batch_size > 0 else max(len(prompts), 1)
         out = []
         for i in range(0, len(prompts), batch_size):
             ids, mask = self.encode(prompts[i:i + batch_size], completions[i:i + batch_size], append_eos,
@@ -333,6 +401,6 @@ class RewardModelScorer:
                             lambda i: f"prompt {short_repr(prompts[i])}")
         return scores
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[str]) -> Tensor:
         """Reward-function interface: ``scorer(prompts, completions)`` -> (B,) float32."""
         return self.score_texts(prompts, completions)

@@ -7,9 +7,12 @@ One rollout costs exactly:
   have not changed since sampling, so a second policy forward would only recompute them (at the cost of
   a full forward pass). The first minibatch of every update therefore sees ratio == 1 up to float error;
 * one batched no-grad forward of the reference model (log-probs at the same temperature);
-* one batched no-grad forward of the critic (per-token values), or — when the value head sits on the
-  policy trunk — one forward of the policy that yields values (its logits are not needed again);
+* one batched no-grad forward of the critic (per-token values); when the value head sits on the policy trunk
+  none: the generation pass applies the value head to the same hidden states it samples from;
 * scoring: one reward-model forward (head read at the explicit last index) or one reward-function call.
+
+``forward_batch_size`` splits the reference / critic forwards into chunks of rows (bounded memory on long
+completions; the results equal the one-batch forward up to float rounding).
 
 Layout: prompts are LEFT padded to a common length ``P``; responses follow at ``[P, P + R)``.
 ``attention_mask`` (B, P+R) and ``response_mask`` (B, R) are explicit everywhere and never derived from the
@@ -73,9 +76,10 @@ class Rollout:
     values: Tensor | None      # (B, R) critic values, 0 where masked; None without a critic
     scores: Tensor             # (B,) raw scores from the reward model / function
     finished: Tensor           # (B,) bool: emitted EOS or a stop string
-    prompts: list[str]
+    prompts: list[Any]         # as given: strings, or lists of messages for a chat model
     completions: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+    score_parts: dict[str, Tensor] = field(default_factory=dict)  # raw (B,) scores of each reward component
     # filled by the update (proxrl.lm.ppo.compute_advantages)
     shaped_scores: Tensor | None = None   # (B,) scores after clipping / penalties
     rewards: Tensor | None = None         # (B, R)
@@ -99,8 +103,8 @@ def collect_rollout(
     tokenizer: Any,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
-    prompts: list[str],
-    score_fn: Callable[[Tensor, Tensor, int, Tensor, list[str], list[str]], Tensor],
+    prompts: list[Any],
+    score_fn: Callable[[Tensor, Tensor, int, Tensor, list[Any], list[str]], Tensor],
     *,
     max_new_tokens: int,
     temperature: float,
@@ -109,11 +113,16 @@ def collect_rollout(
     stop_strings: Sequence[str] = (),
     generator: torch.Generator | None = None,
     bf16: bool = False,
+    eos_token_id: int | Sequence[int] | None = None,
+    forward_batch_size: int = 0,
 ) -> Rollout:
     """Sample one completion per row of ``prompt_ids`` (B, P) and run the no-grad forwards listed above.
 
     ``score_fn(input_ids, attention_mask, prompt_len, response_mask, prompts, completions) -> (B,)`` scores
-    the completed sequences (reward model or reward function).
+    the completed sequences (reward model or reward function); when it has ``last_components`` (a
+    :class:`proxrl.lm.scoring.Scorer`) they are kept in ``Rollout.score_parts``. ``eos_token_id``: the id(s) that end
+    a completion (a chat template's end-of-turn token and EOS; default ``tokenizer.eos_token_id``).
+    ``forward_batch_size``: rows per reference / critic forward (0: all at once).
     """
     t0 = time.perf_counter()
     with autocast_ctx(bf16):
@@ -125,10 +134,11 @@ def collect_rollout(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
             stop_strings=tuple(stop_strings),
             tokenizer=tokenizer,
             generator=generator,
+            return_values=models.value_head_on_policy,
         )
     t1 = time.perf_counter()
     # clone: generation runs under inference_mode, and inference tensors cannot be saved for backward later
@@ -136,15 +146,18 @@ def collect_rollout(
     rmask = gen.response_mask.float().clone()
     old_logprobs = gen.logprobs.float().clone() * rmask
 
+    step = forward_batch_size if forward_batch_size > 0 else max(ids.shape[0], 1)
+    chunks = [slice(i, i + step) for i in range(0, ids.shape[0], step)]
     with autocast_ctx(bf16):
         with reference_context(models.ref) as ref:
-            ref_logprobs = response_forward(ref, ids, attn, p, temperature).logprobs
+            ref_logprobs = torch.cat([response_forward(ref, ids[c], attn[c], p, temperature).logprobs
+                                      for c in chunks])
         values = None
         if models.value_head_on_policy:
-            # the value head shares the policy trunk: one forward gives the values (logits are not needed)
-            values = response_forward(models.policy, ids, attn, p, temperature).values
+            # the value head shares the policy trunk: the generation pass computed the values
+            values = gen.values.float().clone()
         elif models.critic is not None:
-            values = critic_values(models.critic, ids, attn, p)
+            values = torch.cat([critic_values(models.critic, ids[c], attn[c], p) for c in chunks])
     ref_logprobs = ref_logprobs * rmask
     if values is not None:
         values = values * rmask
@@ -153,6 +166,7 @@ def collect_rollout(
     resp = ids[:, p:]
     completions = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
     scores = score_fn(ids, attn, p, rmask, list(prompts), completions).detach().float().reshape(-1)
+    parts = getattr(score_fn, "last_components", None)
     t3 = time.perf_counter()
     return Rollout(
         input_ids=ids,
@@ -167,4 +181,5 @@ def collect_rollout(
         prompts=list(prompts),
         completions=completions,
         timings={"generation": t1 - t0, "forward": t2 - t1, "scoring": t3 - t2},
+        score_parts=dict(parts) if isinstance(parts, dict) else {},
     )
