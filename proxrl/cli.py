@@ -157,6 +157,7 @@ def _ppo(args: argparse.Namespace) -> None:
         run = RunDir(args.resume)
         saved = run.read_config()
         saved["run_dir"] = str(args.resume)  # the directory given, wherever the run was copied or moved
+        saved.setdefault("chat_template", "none")  # runs from before --chat-template used plain-text prompts
         cfg = C.resume_config(PPOConfig, saved, C.given_options(PPOConfig, args), source=str(run.config_path))
         train_ppo(cfg, resume=True)
         return
@@ -166,29 +167,38 @@ def _ppo(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
+    from proxrl.lm.chat import end_of_turn_token_ids, prompt_token_ids, resolve_chat_template
     from proxrl.lm.generation import generate
     from proxrl.lm.loading import load_causal_lm
+    from proxrl.lm.positions import left_pad
     from proxrl.lm.tokenization import load_tokenizer
 
     if args.threads < 1:
         raise UserError(f"--threads {args.threads} must be >= 1")
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model_dir)
+    template = resolve_chat_template(tok, args.chat_template)  # bad file / template: one line, before the model
     model = load_causal_lm(args.model_dir, trust_remote_code=args.trust_remote_code).eval()
     prompts = args.prompt or [""]
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    if enc["input_ids"].shape[1] == 0:
+    if template is None:
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+    else:  # each prompt one user message, rendered with the generation prompt (the template writes its own BOS)
+        rows = [prompt_token_ids(tok, template, p, f"--prompt {i + 1}") for i, p in enumerate(prompts)]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        ids, mask = left_pad(rows, pad)
+    if ids.shape[1] == 0:
         raise UserError("empty prompt: give --prompt TEXT")
     ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if ctx is not None and enc["input_ids"].shape[1] + args.max_new_tokens > ctx:
+    if ctx is not None and ids.shape[1] + args.max_new_tokens > ctx:
         raise UserError(
-            f"prompt of {enc['input_ids'].shape[1]} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
+            f"prompt of {ids.shape[1]} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
             f"model's context of {ctx} tokens; shorten the prompt or lower --max-new-tokens"
         )
     gen = torch.Generator().manual_seed(args.seed)
-    out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+    out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   eos_token_id=tok.eos_token_id, generator=gen, tokenizer=tok)
+                   eos_token_id=end_of_turn_token_ids(tok, template) or None, generator=gen, tokenizer=tok)
     resp = out.sequences[:, out.prompt_len:]
     for p, ids, m in zip(prompts, resp, out.response_mask):
         text = tok.decode(ids[m.bool()], skip_special_tokens=True)
@@ -232,6 +242,21 @@ def _lazy_cls(module: str, name: str) -> type | None:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return None
+
+
+class _JoinRepeated(argparse.Action):
+    """A dataclass option that may be given several times: the values are joined with commas."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        old = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if old in (None, "") or values is None else f"{old},{values}")
+
+
+def _repeatable(p: argparse.ArgumentParser, flag: str) -> None:
+    """Make ``flag`` (added from a config dataclass) repeatable (``--reward-fn a:f --reward-fn b:g`` -> ``a:f,b:g``)."""
+    action = p._option_string_actions.get(flag)
+    if action is not None:
+        action.__class__ = _JoinRepeated
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -304,8 +329,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue RUN_DIR (this directory, wherever the run was moved) from its last checkpoint with "
                         "its saved config; only --total-updates (not below the updates done), --checkpoint-every, "
-                        "--keep-checkpoints, --sample-every, --sample-rows, --plot, --threads and --reward-timeout "
-                        "may change")
+                        "--keep-checkpoints, --sample-every, --sample-rows, --plot, --threads, --reward-timeout, "
+                        "--eval-prompts, --eval-every, --eval-num-prompts, --forward-batch-size and "
+                        "--gradient-checkpointing may change")
+    _repeatable(p, "--reward-fn")
 
     p = add("generate", _generate, "Sample completions from a saved causal LM directory.", config_flag=False)
     p.add_argument("model_dir", metavar="MODEL_DIR")
@@ -317,6 +344,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the directory (off by default)")
+    p.add_argument("--chat-template", default="auto", metavar="auto|none|PATH.jinja",
+                   help="render each prompt as a user message with the generation prompt and stop at the template's "
+                        "end-of-turn token: auto (the tokenizer's own template, if any), none (plain text) or a "
+                        "Jinja file (default: auto)")
 
     add("evaluate", _evaluate, "Evaluate a policy on held-out prompts against a reference: reward, KL, length, "
         "distinct-n, win rate, side-by-side samples, report.json and a reward histogram PNG.",
