@@ -80,11 +80,31 @@ _GATHERED = ("actions", "logprobs", "rewards", "terminated", "truncated", "valid
 def gather_rollout(rollout: Rollout) -> Rollout:
     """The job's whole rollout ``(T, num_envs, ...)`` on every process (envs in global order), from each process's
     ``(T, N_local, ...)`` share (``rollout`` itself with one process). Episode lists stay per process.
-    ``rollout`` must come from :meth:`Collector.collect` (it gathers the ``(T+1)`` buffers)."""
+    ``rollout`` must come from :meth:`Collector.collect` (it gathers the ``(T+1)`` buffers).
+
+    One all-gather: every buffer is packed per env into one float32 tensor (exact for float32 values, the
+    flags and the action indices), except uint8 pixels, which travel on their own.
+    """
     if not D.is_distributed():
         return rollout
-    parts = {k: D.all_gather_cat(getattr(rollout, k), dim=1, equal_sizes=True)
-             for k in ("obs_all", "values_all", *_GATHERED)}
+    T1, n = rollout.obs_all.shape[:2]
+    pixels = not rollout.obs_all.is_floating_point()
+    names = ("values_all", *_GATHERED) if pixels else ("obs_all", "values_all", *_GATHERED)
+    cols, shapes = [], []
+    for k in names:
+        t = getattr(rollout, k)
+        rows = t if t.shape[0] == T1 else torch.cat([t, t.new_zeros((1, *t.shape[1:]))])  # pad T -> T+1
+        cols.append(rows.reshape(T1, n, -1).to(torch.float32))
+        shapes.append((k, t.shape[0], t.shape[2:], t.dtype, cols[-1].shape[2]))
+    packed = D.all_gather_cat(torch.cat(cols, dim=2), dim=1, equal_sizes=True)  # (T+1, num_envs, width)
+    parts: dict[str, Tensor] = {}
+    offset = 0
+    for k, length, tail, dtype, width in shapes:
+        block = packed[:length, :, offset: offset + width]
+        offset += width
+        parts[k] = (block != 0 if dtype == torch.bool else block.to(dtype)).reshape(length, -1, *tail)
+    if pixels:
+        parts["obs_all"] = D.all_gather_cat(rollout.obs_all, dim=1, equal_sizes=True)
     return _from_buffers(**parts, episode_returns=rollout.episode_returns, episode_lengths=rollout.episode_lengths)
 
 
