@@ -5,7 +5,9 @@ value head.
   :func:`sequence_scores` at a given ``last_index`` per row (reward model). HF's own "last non-pad token" logic
   (which looks for ``pad_token_id`` in ``input_ids``) is never used.
 * :class:`PolicyWithValueHead` puts a value head on the policy's own trunk: one forward gives logits and values.
-* :func:`unwrap_model` reaches the HF ``PreTrainedModel`` inside a PEFT wrapper or a :class:`PolicyWithValueHead`.
+* :func:`unwrap_model` reaches the HF ``PreTrainedModel`` inside a DDP or PEFT wrapper or a
+  :class:`PolicyWithValueHead`.
+* :class:`TokenValues` is a critic in the form DDP and FSDP wrap: a module whose own ``forward`` gives the values.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from proxrl.lm.messages import describe
 from proxrl.lm.positions import position_ids_from_mask
 
 __all__ = ["VALUE_HEAD_FILE", "is_peft", "unwrap_model", "merged_copy", "model_trunk", "scalar_head",
-           "init_linear_head", "hidden_states", "token_values", "sequence_scores", "PolicyWithValueHead",
-           "policy_with_value_head"]
+           "init_linear_head", "hidden_states", "token_values", "sequence_scores", "TokenValues", "SequenceScores",
+           "PolicyWithValueHead", "policy_with_value_head", "is_value_head_policy", "model_device"]
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 HEAD_NAMES = ("score", "classifier")  # the scalar head of HF sequence-classification models
@@ -35,8 +37,18 @@ def is_peft(model: Any) -> bool:
     return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
 
 
+def _unwrap_ddp(model: Any) -> Any:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def unwrap_model(model: Any) -> Any:
-    """The HF ``PreTrainedModel`` inside a PEFT wrapper / :class:`PolicyWithValueHead` (LoRA layers stay active)."""
+    """The HF ``PreTrainedModel`` inside a DDP / PEFT wrapper / :class:`PolicyWithValueHead` / :class:`TokenValues`
+    (LoRA layers stay active)."""
+    model = _unwrap_ddp(model)
+    if isinstance(model, (TokenValues, SequenceScores)):
+        model = model.model
     if isinstance(model, PolicyWithValueHead):
         model = model.policy
     if is_peft(model):
@@ -98,8 +110,11 @@ def token_values(seqcls_model: Any, input_ids: Tensor, attention_mask: Tensor,
                  position_ids: Tensor | None = None) -> Tensor:
     """The scalar head applied at every position: (B, T) long ids, (B, T) mask -> (B, T) float32.
 
-    Values at masked positions are computed but meaningless; mask them downstream.
+    Values at masked positions are computed but meaningless; mask them downstream. A :class:`TokenValues` (maybe
+    inside DDP) is called through its own ``forward``, so DDP's and FSDP's hooks run.
     """
+    if isinstance(_unwrap_ddp(seqcls_model), TokenValues):
+        return seqcls_model(input_ids, attention_mask, position_ids)
     h = hidden_states(seqcls_model, input_ids, attention_mask, position_ids)
     return scalar_head(seqcls_model)(h).squeeze(-1).float()
 
@@ -108,13 +123,60 @@ def sequence_scores(seqcls_model: Any, input_ids: Tensor, attention_mask: Tensor
                     position_ids: Tensor | None = None) -> Tensor:
     """The scalar head at an explicit position per row: ids/mask (B, T), ``last_index`` (B,) long -> (B,) float32.
 
-    Use ``last_index = last_token_index(attention_mask)`` for "score of the whole sequence".
+    Use ``last_index = last_token_index(attention_mask)`` for "score of the whole sequence". A
+    :class:`SequenceScores` (maybe inside DDP) is called through its own ``forward``, so DDP's and FSDP's hooks run.
     """
     if last_index.shape != input_ids.shape[:1]:
         raise ValueError(f"last_index must have shape ({input_ids.shape[0]},), got {tuple(last_index.shape)}")
+    if isinstance(_unwrap_ddp(seqcls_model), SequenceScores):
+        return seqcls_model(input_ids, attention_mask, last_index, position_ids)
     h = hidden_states(seqcls_model, input_ids, attention_mask, position_ids)
     rows = torch.arange(h.shape[0], device=h.device)
     return scalar_head(seqcls_model)(h[rows, last_index.to(h.device)]).squeeze(-1).float()
+
+
+class TokenValues(nn.Module):
+    """A sequence-classification model whose ``forward`` applies its scalar head at every position.
+
+    The critic of a multi-process run: DDP averages gradients and FSDP gathers parameters in hooks on a module's
+    own ``forward``, which :func:`token_values` on the bare model bypasses (it calls the trunk and the head
+    directly). ``forward(input_ids (B, T), attention_mask (B, T), position_ids=None) -> (B, T) float32``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        h = hidden_states(self.model, input_ids, attention_mask, position_ids)
+        return scalar_head(self.model)(h).squeeze(-1).float()
+
+
+class SequenceScores(nn.Module):
+    """A sequence-classification model whose ``forward`` reads its scalar head at an explicit position per row: the
+    reward model in the form DDP and FSDP wrap (see :class:`TokenValues`).
+    ``forward(input_ids (B, T), attention_mask (B, T), last_index (B,), position_ids=None) -> (B,) float32``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, last_index: Tensor,
+                position_ids: Tensor | None = None) -> Tensor:
+        return sequence_scores(self.model, input_ids, attention_mask, last_index, position_ids)
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of ``model``'s first parameter (its local shard's under FSDP); the CPU for a model without any."""
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        return local.device
+    return torch.device("cpu")
+
+
+def is_value_head_policy(model: Any) -> bool:
+    """True for a :class:`PolicyWithValueHead`, also inside DDP (FSDP keeps the class: it subclasses it)."""
+    return isinstance(_unwrap_ddp(model), PolicyWithValueHead)
 
 
 def init_linear_head(head: nn.Module, std: float) -> None:

@@ -8,6 +8,7 @@ Nothing is downloaded (``local_files_only=True``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ from proxrl.lm.messages import describe
 from proxrl.lm.tokenization import write_tokenizer_fingerprint
 
 __all__ = ["load_causal_lm", "load_scalar_model", "load_policy_with_value_head", "save_model_and_tokenizer",
-           "is_scalar_model_dir", "resolve_dtype", "ensure_pad_id"]
+           "is_scalar_model_dir", "resolve_dtype", "ensure_pad_id", "unsharded_copy"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -183,6 +184,21 @@ def ensure_pad_id(model: Any) -> None:
 def load_policy_with_value_head(path: str | Path, dtype: str | torch.dtype | None = None) -> PolicyWithValueHead:
     """Load a full (non-PEFT) :class:`PolicyWithValueHead` saved by its ``save_pretrained``."""
     return PolicyWithValueHead(load_causal_lm(path, dtype=dtype)).load_value_head(path)
+
+
+def unsharded_copy(model: Any, state: dict[str, torch.Tensor]) -> Any:
+    """A plain CPU copy of an HF ``model`` (e.g. one sharded in place by FSDP2, whose class then subclasses
+    ``FSDPModule``) holding ``state``, its whole state dict (:func:`proxrl.distributed.full_state_dict`): what rank 0
+    saves with ``save_pretrained`` at the end of a sharded run. Built from ``model.config``; loading is strict."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if issubclass(cls, FSDPModule):
+        cls = next(b for b in cls.__mro__[1:] if not issubclass(b, FSDPModule))
+    with quiet_transformers():
+        plain = cls(copy.deepcopy(model.config))
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
 
 
 def save_model_and_tokenizer(model: Any, tokenizer: Any, out_dir: str | Path, merge_lora: bool = False) -> Path:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from proxrl.core import entropy_from_logits
-from proxrl.lm.heads import PolicyWithValueHead, token_values, unwrap_model
+from proxrl.lm.heads import is_value_head_policy, token_values, unwrap_model
 from proxrl.lm.positions import position_ids_from_mask
 
 __all__ = ["logprobs_from_logits", "ResponseForward", "response_forward", "critic_values"]
@@ -81,7 +81,7 @@ def response_forward(
     """
     pos = position_ids_from_mask(attention_mask)
     values = None
-    if isinstance(model, PolicyWithValueHead):
+    if is_value_head_policy(model):  # also inside DDP
         logits, all_values = model(input_ids, attention_mask, pos)
         values = all_values[:, prompt_len - 1 : -1].float()
         logits = logits[:, prompt_len - 1 : -1]

@@ -26,10 +26,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from proxrl import distributed as D
 from proxrl.lm.builders import scalar_model_from_causal
 from proxrl.lm.chat import is_conversational, preference_texts, require_template, resolve_chat_template
 from proxrl.lm.data import load_rows
-from proxrl.lm.heads import sequence_scores
+from proxrl.lm.heads import SequenceScores, model_device, sequence_scores
 from proxrl.lm.layers import disable_dropout
 from proxrl.lm.loading import is_scalar_model_dir, load_scalar_model
 from proxrl.lm.positions import last_token_index
@@ -82,13 +83,15 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def score_sequences(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Reward-model scores (B,) float32 of token id lists, read at each row's last real token (no grad)."""
+    """Reward-model scores (B,) float32 of token id lists, read at each row's last real token (no grad), on the
+    model's device."""
     out = []
+    device = model_device(model)
     with torch.no_grad():
         for i in range(0, len(seqs), batch_size):
-            ids, mask, last = pad_right(seqs[i:i + batch_size], pad_id)
+            ids, mask, last = (t.to(device) for t in pad_right(seqs[i:i + batch_size], pad_id))
             out.append(sequence_scores(model, ids, mask, last))
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, device=device)
 
 
 def pair_loss(model: Any, chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], pad_id: int,
@@ -99,7 +102,8 @@ def pair_loss(model: Any, chosen: Sequence[Sequence[int]], rejected: Sequence[Se
     ``loss = mean(-logsigmoid(r_c - r_r)) + center_coef * mean((r_c + r_r)^2)``.
     """
     n = len(chosen)
-    ids, mask, last = pad_right(list(chosen) + list(rejected), pad_id)
+    device = model_device(model)
+    ids, mask, last = (t.to(device) for t in pad_right(list(chosen) + list(rejected), pad_id))
     r = sequence_scores(model, ids, mask, last)
     rc, rr = r[:n], r[n:]
     loss = -F.logsigmoid(rc - rr).mean()
@@ -175,17 +179,18 @@ def _prepare(cfg: RewardModelConfig) -> tuple[Prepared, int]:
     ev_c, ev_r = encode_pairs(tok, pairs, held_idx, template, cfg.max_length, cfg.append_eos, source)
     tr_c, tr_r = encode_pairs(tok, pairs, train_idx, template, cfg.max_length, cfg.append_eos, source)
 
-    def step(idx: list[int]) -> StepResult:
-        loss, rc, rr = pair_loss(model, [tr_c[i] for i in idx], [tr_r[i] for i in idx], pad, cfg.center_coef)
-        return StepResult(loss, window={"train_accuracy": float((rc > rr).float().mean())})
+    def step(module: Any, idx: list[int]) -> StepResult:
+        loss, rc, rr = pair_loss(module, [tr_c[i] for i in idx], [tr_r[i] for i in idx], pad, cfg.center_coef)
+        return StepResult(loss, window={"train_accuracy": (rc > rr).float().mean().detach()})
 
-    def evaluate() -> dict[str, float]:
-        return {f"eval_{k}": v for k, v in preference_accuracy(model, ev_c, ev_r, pad).items()}
+    def evaluate(module: Any) -> dict[str, float]:
+        return {f"eval_{k}": v for k, v in preference_accuracy(module, ev_c, ev_r, pad).items()}
 
-    def final() -> dict[str, float]:
-        return {"train_accuracy": preference_accuracy(model, tr_c[:512], tr_r[:512], pad)["accuracy"]}
+    def final(module: Any) -> dict[str, float]:
+        return {"train_accuracy": preference_accuracy(module, tr_c[:512], tr_r[:512], pad)["accuracy"]}
 
-    return Prepared(model, tok, len(tr_c), step, evaluate, final=final), len(ev_c)
+    # the loop calls (and DDP-wraps / FSDP-shards) the scorer module, whose forward covers every parameter
+    return Prepared(model, tok, len(tr_c), step, evaluate, final=final, module=SequenceScores(model)), len(ev_c)
 
 
 def train_reward_model(cfg: RewardModelConfig, progress: bool | None = None, resume: bool = False) -> dict[str, Any]:
@@ -216,6 +221,8 @@ def train_reward_model(cfg: RewardModelConfig, progress: bool | None = None, res
               "score_mean": ev.get("eval_score_mean", math.nan), "score_std": ev.get("eval_score_std", math.nan),
               "steps": out.steps, "pairs_train": prepared["stage"].n_train, "pairs_eval": prepared["n_eval"],
               "seconds": time.perf_counter() - t0, "run_dir": str(out.run_dir)}
+    if not D.is_main():  # under torchrun rank 0 writes and reports
+        return result
     write_result(out.run_dir, "reward_model", result)
     print(f"reward model: {out.steps} steps on {result['pairs_train']} pairs; held-out accuracy "
           f"{ev0['eval_accuracy']:.1%} -> {ev['eval_accuracy']:.1%} ({result['pairs_eval']} pairs), train accuracy "

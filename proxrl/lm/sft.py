@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from proxrl import distributed as D
 from proxrl.errors import UserError
 from proxrl.lm.builders import build_tiny_gpt2
 from proxrl.lm.chat import (
@@ -46,6 +47,7 @@ from proxrl.lm.chat import (
     sft_example,
 )
 from proxrl.lm.data import check_value, load_table
+from proxrl.lm.heads import model_device
 from proxrl.lm.layers import disable_dropout
 from proxrl.lm.loading import load_causal_lm
 from proxrl.lm.positions import position_ids_from_mask
@@ -211,20 +213,28 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor], reduction: str = "mean")
     return loss / torch.clamp(n, min=1)
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of a :func:`build_batch` batch on ``device`` (the same dict when already there)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def evaluate_loss(model: Any, examples: Sequence[Example], pad_id: int, batch_size: int = 64) -> float:
-    """Mean next-token loss (nats per target token) of ``model`` over ``examples``; nan if there are none."""
+    """Mean next-token loss (nats per target token) of ``model`` over ``examples``; nan if there are none. Batches
+    go to the model's device; the sum is read once at the end."""
     if not examples:
         return math.nan
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    device = model_device(model)
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            loss, n = lm_loss(model, build_batch(examples[i:i + batch_size], pad_id), reduction="sum")
-            total += float(loss)
-            count += int(n)
+            batch = build_batch(examples[i:i + batch_size], pad_id)
+            loss, _ = lm_loss(model, to_device(batch, device), reduction="sum")
+            total += loss.to(torch.float64)
+            count += int((batch["labels"][:, 1:] != -100).sum())
     model.train(was_training)
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -272,15 +282,17 @@ def _prepare(cfg: SFTConfig, resume: bool) -> tuple[Prepared, list[Example]]:
     if not train:
         raise UserError(f"{cfg.data}: no usable training examples (all empty or truncated away); check the data")
 
-    def step(idx: list[int]) -> StepResult:
+    def step(module: Any, idx: list[int]) -> StepResult:
         batch = build_batch([train[i] for i in idx], pad_id)
-        return StepResult(lm_loss(model, batch), totals={"tokens": int(batch["loss_mask"].sum())})
+        targets = int((batch["labels"][:, 1:] != -100).sum())  # what the mean loss averages over
+        return StepResult(lm_loss(module, to_device(batch, model_device(module))),
+                          totals={"tokens": int(batch["loss_mask"].sum())}, weight=targets)
 
     def save_bpe(run_path: Path) -> None:
         tok.save_pretrained(str(run_path / BPE_DIR))
 
     trained_bpe = cfg.model == TINY_MODEL and not cfg.tokenizer and cfg.checkpoint_every
-    return Prepared(model, tok, len(train), step, lambda: {"eval_loss": evaluate_loss(model, held, pad_id)},
+    return Prepared(model, tok, len(train), step, lambda m: {"eval_loss": evaluate_loss(m, held, pad_id)},
                     outputs=(BPE_DIR,) if trained_bpe else (), on_create=save_bpe if trained_bpe else None), held
 
 
@@ -310,6 +322,8 @@ def train_sft(cfg: SFTConfig, progress: bool | None = None, resume: bool = False
     result = {"train_loss": out.train_loss, "eval_loss": eval_loss, "eval_loss_initial": eval0, "steps": out.steps,
               "tokens": out.totals.get("tokens", 0), "train_examples": sizes["train"], "eval_examples": sizes["held"],
               "seconds": time.perf_counter() - t_start, "run_dir": str(out.run_dir)}
+    if not D.is_main():  # under torchrun rank 0 writes and reports
+        return result
     write_result(out.run_dir, "sft", result)
     print(f"sft: {out.steps} steps, held-out loss {eval0:.3f} -> {eval_loss:.3f} nats/token "
           f"({sizes['held']} examples), {result['seconds']:.0f}s; model saved to {out.run_dir}")

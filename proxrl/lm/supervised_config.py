@@ -6,16 +6,27 @@ checkpoints) are declared once, in :class:`SupervisedOptions`, and mean the same
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from proxrl.config import check, opt
 
-__all__ = ["TINY_MODEL", "SupervisedOptions", "SFTConfig", "RewardModelConfig"]
+__all__ = ["TINY_MODEL", "SupervisedOptions", "SFTConfig", "RewardModelConfig", "check_device_spec", "DEVICE_HELP"]
 
 TINY_MODEL = "tiny-gpt2"
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = "JSONL, JSON, CSV, Parquet, a save_to_disk directory or a hub name org/name[:split]"
+DEVICE_HELP = ("where the model and optimizer state live: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N "
+               "or mps; under torchrun each process takes cuda:LOCAL_RANK. The device used is printed and saved in "
+               "config.yaml; checkpoints do not depend on it")
+
+
+def check_device_spec(device: str) -> None:
+    """One-line UserError unless ``device`` is ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether it exists
+    is checked when the run starts, by :func:`proxrl.distributed.resolve_device`)."""
+    check(isinstance(device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device.strip().lower()) is not None,
+          f"device={device!r} must be auto, cpu, cuda, cuda:N or mps")
 
 
 @dataclass
@@ -40,11 +51,15 @@ class SupervisedOptions:
     seed: int = opt(0, "random seed (initialisation, data split, order)")
     threads: int = opt(0, "torch CPU threads; 0 = leave torch's setting")
     progress: bool = opt(True, "show a progress bar (on a terminal)")
+    device: str = opt("auto", DEVICE_HELP)
+    bf16: bool = opt(False, "run forwards under torch.autocast(bfloat16) on CUDA and CPU (weights and optimizer stay float32)")
+    fsdp: bool = opt(False, "shard the model, its gradients and optimizer state over the torchrun processes with FSDP2 (needs several processes); the outputs are still whole from_pretrained directories")
 
-    #: what a ``--resume`` may change: the length of the run and how it is logged and saved
+    #: what a ``--resume`` may change: the length of the run, how it is logged and saved, and where it runs (the
+    #: device, the number of processes and FSDP: checkpoints hold whole tensors on the CPU)
     resumable_fields: ClassVar[frozenset[str]] = frozenset({
         "max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "threads",
-        "progress"})
+        "progress", "device", "fsdp"})
 
     def __post_init__(self) -> None:
         check(self.epochs > 0 and math.isfinite(self.epochs), f"epochs={self.epochs} must be > 0")
@@ -63,6 +78,7 @@ class SupervisedOptions:
         check(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
         check(self.keep_checkpoints >= 0, f"keep_checkpoints={self.keep_checkpoints} must be >= 0")
         check(self.threads >= 0, f"threads={self.threads} must be >= 0")
+        check_device_spec(self.device)
 
 
 def _check_data_options(cfg: _SFTData | _RewardModelData) -> None:
