@@ -68,15 +68,15 @@ def test_unknown_config_key(capsys, tmp_path):
 
 
 def test_unsupported_spaces(capsys, tmp_path):
-    # a Dict observation space / MultiDiscrete action space, via a factory 'module:function'
+    # a Text observation space (no policy reads text), via a factory 'module:function'
     mod = tmp_path / "weird_env.py"
     mod.write_text(
-        "import gymnasium as gym\nfrom gymnasium import spaces\nimport numpy as np\n"
+        "import gymnasium as gym\nfrom gymnasium import spaces\n"
         "class E(gym.Env):\n"
-        "    observation_space = spaces.Box(-1, 1, (3,), np.float32)\n"
-        "    action_space = spaces.MultiDiscrete([2, 3])\n"
-        "    def reset(self, seed=None, options=None):\n        return np.zeros(3, np.float32), {}\n"
-        "    def step(self, a):\n        return np.zeros(3, np.float32), 0.0, False, False, {}\n"
+        "    observation_space = spaces.Text(8)\n"
+        "    action_space = spaces.Discrete(2)\n"
+        "    def reset(self, seed=None, options=None):\n        return 'ab', {}\n"
+        "    def step(self, a):\n        return 'ab', 0.0, True, False, {}\n"
         "def make():\n    return E()\n"
     )
     sys.path.insert(0, str(tmp_path))
@@ -84,7 +84,8 @@ def test_unsupported_spaces(capsys, tmp_path):
         code, _, err = run_cli(capsys, "train", "weird_env:make", "--run-dir", str(tmp_path / "r"), "--no-progress")
     finally:
         sys.path.remove(str(tmp_path))
-    assert_one_line_error(code, err, "MultiDiscrete")
+    assert_one_line_error(code, err, "Text")
+    assert not (tmp_path / "r" / "config.yaml").exists()
 
 
 def test_existing_run_dir_is_not_overwritten_and_corrupt_checkpoint(capsys, tmp_path):
