@@ -211,3 +211,27 @@ def test_generate_with_lora_policy(tok, batch):
             plain = generate(policy, ids, mask, max_new_tokens=6, temperature=0.0)
     assert torch.equal(ref_greedy.sequences, plain.sequences)
     assert not torch.equal(tuned_greedy.sequences, plain.sequences)  # the adapters do change the policy
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_values_from_the_generation_pass_match_a_full_forward(tok, batch, lora):
+    """return_values: the value head read on the sampling pass's hidden states equals the values of a full forward
+    over the finished sequences (what the rollout used to compute with a second policy pass)."""
+    ids, mask = batch
+    policy = build_tiny_gpt2(tok, 2, 32, 2, seed=5).eval()
+    if lora:
+        policy = apply_lora(policy, r=2)
+    pv = policy_with_value_head(policy, head_std=0.5)  # a non-zero head: the check can fail
+    out = generate(pv, ids, mask, max_new_tokens=6, temperature=0.9, generator=torch.Generator().manual_seed(1),
+                   return_values=True)
+    with torch.no_grad():
+        full = response_forward(pv, out.sequences, out.attention_mask, out.prompt_len, 0.9)
+    m = out.response_mask.bool()
+    assert out.values is not None and out.values.shape == out.logprobs.shape
+    assert out.values.abs().max() > 1e-2
+    assert (out.values[m] - full.values[m]).abs().max() < 1e-5
+    assert (out.logprobs[m] - full.logprobs[m]).abs().max() < 1e-5
+    assert (out.values[~m] == 0).all()
+    # same samples as without values (the logits are the model's own), and no values unless asked for
+    plain = generate(pv, ids, mask, max_new_tokens=6, temperature=0.9, generator=torch.Generator().manual_seed(1))
+    assert plain.values is None and torch.equal(plain.sequences, out.sequences)

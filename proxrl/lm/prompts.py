@@ -83,7 +83,8 @@ def template_markers(tokenizer: Any, template: str | None) -> list[str]:
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     specials = {str(getattr(t, "content", t)) for t in decoder.values() if getattr(t, "special", True)}
     specials |= {str(s) for s in getattr(tokenizer, "all_special_tokens", ()) or ()}
-    return sorted(s for s in specials if s and s in rendered)
+    plain = {str(getattr(tokenizer, f"{k}_token", None)) for k in ("bos", "eos", "pad", "unk")}
+    return sorted(s for s in specials - plain if s and s in rendered)
 
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[Prompt], max_len: int,
