@@ -184,6 +184,7 @@ def run_smollm2_sentiment(out_dir: str | Path, updates: int = 20, *, rollout_siz
 
     cfg = PPOConfig(
         policy=str(model_dir), prompts="sentiment", reward_fn=REWARD_FNS["sentiment"], run_dir=str(run_dir),
+        chat_template="none",  # sentence continuation: the prompts are raw text, not user turns
         seed=seed, total_updates=updates, rollout_size=rollout_size, minibatch_size=minibatch_size, epochs=epochs,
         learning_rate=learning_rate, kl_coef=kl_coef, max_new_tokens=max_new_tokens, temperature=temperature,
         lora_r=lora_r, value_head_on_policy=True, critic_learning_rate=1e-3, bf16=bf16, threads=threads,
