@@ -125,6 +125,29 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------- LM front-end
+def _under_torchrun(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """``command`` as every torchrun process runs it: a failing process reports once (``error: rank R: ...``) and
+    ends the job; bad input found before the process group is up is reported by rank 0 alone. A no-op wrapper
+    with one process (errors reach :func:`main` as usual)."""
+
+    def run(args: argparse.Namespace) -> None:
+        from proxrl import distributed as D
+
+        with D.fail_fast(_debug(args)):
+            try:
+                command(args)
+            except UserError as e:
+                if D.dist_info().world_size > 1 and not D.is_main() and not D.is_distributed():
+                    raise SystemExit(e.exit_code) from None
+                raise
+        D.shutdown()
+
+    run.__name__ = run.__qualname__ = command.__name__
+    run.__doc__ = command.__doc__
+    return run
+
+
+@_under_torchrun
 def _sft(args: argparse.Namespace) -> None:
     from proxrl.lm.sft import train_sft
     from proxrl.lm.supervised import load_run_config
@@ -136,6 +159,7 @@ def _sft(args: argparse.Namespace) -> None:
     train_sft(C.build(SFTConfig, args))
 
 
+@_under_torchrun
 def _reward_model(args: argparse.Namespace) -> None:
     from proxrl.lm.reward_model import train_reward_model
     from proxrl.lm.supervised import load_run_config
@@ -148,6 +172,7 @@ def _reward_model(args: argparse.Namespace) -> None:
     train_reward_model(C.build(RewardModelConfig, args))
 
 
+@_under_torchrun
 def _ppo(args: argparse.Namespace) -> None:
     from proxrl.lm.ppo_config import PPOConfig
     from proxrl.lm.ppo_trainer import train_ppo
@@ -157,6 +182,7 @@ def _ppo(args: argparse.Namespace) -> None:
         run = RunDir(args.resume)
         saved = run.read_config()
         saved["run_dir"] = str(args.resume)  # the directory given, wherever the run was copied or moved
+        saved.pop("run_info", None)  # where the latest session ran (device, processes): not an option
         saved.setdefault("chat_template", "none")  # runs from before --chat-template used plain-text prompts
         cfg = C.resume_config(PPOConfig, saved, C.given_options(PPOConfig, args), source=str(run.config_path))
         train_ppo(cfg, resume=True)

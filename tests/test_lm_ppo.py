@@ -392,6 +392,7 @@ def test_cli_style_resume_reads_prompts_and_reward_spec_from_run(policy_dir, tmp
                checkpoint_every=1)
     train_ppo(cfg, prompts=PROMPTS, progress=True)
     saved = RunDir(tmp_path / "run").read_config()
+    assert saved.pop("run_info") == {"device": "cpu", "processes": 1}  # where it ran: not an option
     saved["total_updates"] = 2
     train_ppo(from_dict(PPOConfig, saved), resume=True, progress=False)
     rows = _metrics(tmp_path / "run")

@@ -77,19 +77,32 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter_(-1, idx, vals)
 
 
-def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+_BAD_PROBS = ("the model produced NaN/inf or all-zero probabilities while sampling; check the policy weights (a "
+              "diverged update?) and the temperature")
+
+
+def _sample(probs: Tensor, generator: torch.Generator | None, uniform: Tensor | None = None,
+            bad: Tensor | None = None) -> Tensor:
     """One draw per row of (B, V) probabilities (need not sum to 1) -> (B,) long, by inverse CDF.
 
     Exact up to float64 rounding: ``cdf = cumsum(probs)`` in float64, ``u ~ U[0, cdf[-1])``, token = first index
     with ``cdf > u`` (zero-probability tokens are never drawn). One uniform per row instead of
-    ``torch.multinomial``'s per-entry randomness: ~20x faster on CPU for a 1k vocabulary.
+    ``torch.multinomial``'s per-entry randomness: ~20x faster on CPU for a 1k vocabulary. ``uniform``: the (B,)
+    uniforms in [0, 1) to use instead of drawing from ``generator``. ``bad``: a (B,) bool tensor to mark rows with
+    NaN/inf/all-zero probabilities in (checked by the caller later, without a host round trip here) instead of
+    raising at once.
     """
     cdf = probs.to(torch.float64).cumsum_(-1)
     total = cdf[:, -1:]
-    if not bool(((total > 0) & torch.isfinite(total)).all()):
-        raise UserError("the model produced NaN/inf or all-zero probabilities while sampling; check the "
-                        "policy weights (a diverged update?) and the temperature")
-    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
+    ok = (total > 0) & torch.isfinite(total)
+    if bad is None:
+        if not bool(ok.all()):
+            raise UserError(_BAD_PROBS)
+    else:
+        bad |= ~ok.squeeze(-1)
+    if uniform is None:
+        uniform = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device)
+    u = uniform.reshape(total.shape).to(torch.float64) * total
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
@@ -107,7 +120,9 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              stop_strings: Sequence[str] = (), tokenizer: Any = None,
-             generator: torch.Generator | None = None, return_values: bool = False) -> GenerationOutput:
+             generator: torch.Generator | None = None, return_values: bool = False,
+             uniforms: Tensor | None = None, check_every: int = 1,
+             all_done: Callable[[bool], bool] | None = None) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` tokens for each left-padded prompt.
 
     Args:
@@ -126,6 +141,14 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
         generator: a ``torch.Generator`` for reproducible sampling.
         return_values: with a :class:`~proxrl.lm.heads.PolicyWithValueHead`, also return the value head's values
             from the same trunk passes (see the module docstring); ignored for other models.
+        uniforms: (max_new_tokens, B) uniforms in [0, 1) (row t for step t), used instead of drawing from
+            ``generator``: a multi-process rollout takes its rows of the whole rollout's draws, so a sample does not
+            depend on how the rollout is split.
+        check_every: look whether every row has finished (a host round trip) every this many steps, not every
+            step; the result is the same (trailing steps in which no row was alive are dropped), and NaN/inf
+            probabilities are reported after the loop instead of at once.
+        all_done: combines this process's "every row finished" over processes (e.g. FSDP, where every process
+            must run the same number of forwards); called at the same steps on every process.
 
     Returns:
         :class:`GenerationOutput`; R is the number of steps run (< R_max if every row finished early).
@@ -182,6 +205,11 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
     valid: list[Tensor] = []
     vals: list[Tensor] = []
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    check_every = max(1, int(check_every))
+    bad = torch.zeros(bsz, dtype=torch.bool, device=device) if check_every > 1 else None
+    if uniforms is not None and (uniforms.dim() != 2 or uniforms.shape[1] != bsz
+                                 or uniforms.shape[0] < max_new_tokens):
+        raise ValueError(f"uniforms {tuple(uniforms.shape)} must be (max_new_tokens={max_new_tokens}, B={bsz})")
     was_training = model.training
     model.eval()
     try:
@@ -199,7 +227,7 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
                         probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
                     else:
                         probs = lp_all.exp()
-                    tok = _sample(probs, generator)
+                    tok = _sample(probs, generator, None if uniforms is None else uniforms[step], bad)
                     lp = lp_all.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
                 alive = ~done
                 tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
@@ -218,14 +246,25 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
                             text = tokenizer.decode(resp[i].tolist(), skip_special_tokens=False)
                             if any(s in text for s in stop_strings):
                                 done[i] = True
-                if bool(done.all()) or step == max_new_tokens - 1:
+                if step == max_new_tokens - 1:
                     break
+                if stop_strings or (step + 1) % check_every == 0:
+                    finished = bool(done.all())
+                    if all_done is not None:
+                        finished = all_done(finished)
+                    if finished:
+                        break
                 mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
                 logits, value, cache = step_fn(tok.unsqueeze(-1), mask, next_pos, cache)
                 next_pos = next_pos + 1
     finally:
         model.train(was_training)
 
+    if bad is not None and bool(bad.any()):
+        raise UserError(_BAD_PROBS)
+    if check_every > 1 or all_done is not None:  # drop the trailing steps in which no row was alive
+        used = int(torch.stack(valid, 1).any(0).nonzero().max()) + 1 if len(valid) > 1 else len(valid)
+        tokens, logps, valid, vals = tokens[:used], logps[:used], valid[:used], vals[:used]
     responses = torch.stack(tokens, 1)
     response_mask = torch.stack(valid, 1).long()
     return GenerationOutput(

@@ -130,6 +130,10 @@ def sequence_scores(seqcls_model: Any, input_ids: Tensor, attention_mask: Tensor
         raise ValueError(f"last_index must have shape ({input_ids.shape[0]},), got {tuple(last_index.shape)}")
     if isinstance(_unwrap_ddp(seqcls_model), SequenceScores):
         return seqcls_model(input_ids, attention_mask, last_index, position_ids)
+    device = model_device(seqcls_model)
+    if input_ids.device != device:  # e.g. ids encoded on the CPU for a reward model on a GPU
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = position_ids.to(device) if position_ids is not None else None
     h = hidden_states(seqcls_model, input_ids, attention_mask, position_ids)
     rows = torch.arange(h.shape[0], device=h.device)
     return scalar_head(seqcls_model)(h[rows, last_index.to(h.device)]).squeeze(-1).float()

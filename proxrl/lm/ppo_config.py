@@ -10,6 +10,7 @@ Light on purpose (no torch, no transformers): ``proxrl ppo --help`` builds its f
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -24,7 +25,7 @@ class PPOConfig:
     resumable_fields: ClassVar[frozenset[str]] = frozenset({
         "total_updates", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_rows", "plot", "threads",
         "reward_timeout", "eval_prompts", "eval_every", "eval_num_prompts", "forward_batch_size",
-        "gradient_checkpointing"})
+        "gradient_checkpointing", "device", "fsdp"})
 
     # ---- models and data
     policy: str = opt("", "directory of the causal LM to fine-tune (HF format, e.g. an SFT run's output); also the frozen reference")
@@ -92,7 +93,9 @@ class PPOConfig:
     top_p: float = opt(1.0, "nucleus sampling mass; 1.0 = off (off for RL: it biases the log-probs)")
     stop_strings: str = opt("", "comma-separated strings that end a completion (like EOS; '\\n' = newline); empty = none")
     # ---- systems
-    bf16: bool = opt(False, "run forwards under torch.autocast(bfloat16) (weights and optimizer stay float32)")
+    device: str = opt("auto", "where the models, rollouts and optimizer state live: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under torchrun each process takes cuda:LOCAL_RANK. The device used is printed and saved in config.yaml; checkpoints do not depend on it (a run resumes on another device)")
+    bf16: bool = opt(False, "run forwards under torch.autocast(bfloat16) on CUDA and CPU (weights and optimizer stay float32)")
+    fsdp: bool = opt(False, "shard the policy and critic (their weights, gradients and AdamW state) over the torchrun processes with FSDP2; needs several processes; the reference and reward model are replicated; outputs are still whole from_pretrained directories")
     gradient_checkpointing: bool = opt(False, "recompute each transformer layer's activations in the backward pass (less memory, ~30% more training compute)")
     forward_batch_size: int = opt(0, "rows per forward in the rollout's reference, critic and reward-model passes (bounds their memory on long completions); 0 = the whole rollout at once")
     lora_r: int = opt(0, "LoRA rank for the policy (0 = full fine-tuning); with LoRA the reference is the adapters-disabled base")
@@ -183,6 +186,14 @@ class PPOConfig:
         check(self.forward_batch_size >= 0, f"forward_batch_size={self.forward_batch_size} must be >= 0 (0 = all)")
         check(self.critic != "", "critic is empty; give a directory or 'policy'")
         check(_pos(self.reward_timeout), f"reward_timeout={self.reward_timeout} must be > 0 seconds")
+        check(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device.strip().lower())
+              is not None, f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
+        check(not (self.fsdp and self.value_head_on_policy),
+              "fsdp with value_head_on_policy is not supported (the generation pass reads the value head outside "
+              "the sharded module); use a separate critic (--value-head-on-policy false)")
+        check(not (self.fsdp and self.ptx_coef > 0 and self.lora_r),
+              "fsdp with PPO-ptx and LoRA is not supported (the ptx forward bypasses the sharded PEFT wrapper); drop "
+              "one of --fsdp, --ptx-coef, --lora-r")
 
 
 def _pos(x: float) -> bool:

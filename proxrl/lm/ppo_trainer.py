@@ -11,9 +11,17 @@ Chat models (``--chat-template``): prompts (strings or lists of messages) are re
 the template's end-of-turn token ends a completion like EOS, and the template is saved with the final policy.
 With ``--eval-prompts`` the policy is evaluated against the reference (:func:`proxrl.lm.heldout.evaluate_policy`)
 every ``eval_every`` updates and at the end, logged as ``eval/*``.
+
+Devices and processes (docs/distributed.md): the models, rollouts, advantages and AdamW state live on ``--device``;
+reward functions still get strings. Under ``torchrun --nproc_per_node N`` every rank draws the same prompts and
+keeps its contiguous share of the rollout (whole groups), samples its rows with its rows of the whole rollout's
+uniforms (so a sample does not depend on N), and trains with DDP (``--fsdp``: policy and critic sharded with FSDP2;
+reference and reward model replicated). Only rank 0 writes the run directory, metrics, samples, checkpoints and
+the progress bar; checkpoints hold whole tensors, so a run resumes with another N, device or ``--fsdp`` setting.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -23,16 +31,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from proxrl import distributed as D
 from proxrl.config import to_dict
 from proxrl.core import AdaptiveKLController, FixedKLController
 from proxrl.errors import UserError
 from proxrl.lm.builders import scalar_model_from_causal
 from proxrl.lm.chat import end_of_turn_token_ids, is_conversational, require_template, resolve_chat_template
 from proxrl.lm.data import load_rows
-from proxrl.lm.heads import PolicyWithValueHead, policy_with_value_head, unwrap_model
+from proxrl.lm.heads import PolicyWithValueHead, TokenValues, policy_with_value_head, unwrap_model
 from proxrl.lm.heldout import evaluate_policy
 from proxrl.lm.layers import disable_dropout
-from proxrl.lm.loading import load_causal_lm, load_scalar_model, save_model_and_tokenizer
+from proxrl.lm.loading import load_causal_lm, load_scalar_model, save_model_and_tokenizer, unsharded_copy
 from proxrl.lm.lora import apply_lora
 from proxrl.lm.plots import plot_run
 from proxrl.lm.positions import left_pad
@@ -63,6 +72,8 @@ SAMPLES_FILE = "samples.md"
 RUN_OUTPUTS = (SAMPLES_FILE, PROMPTS_FILE)
 # what a PPO checkpoint's train-state "loop" must hold (train_state checks its own keys)
 LOOP_KEYS = ("kl_controller", "sample_gen")
+# config.yaml's section describing where the latest session ran (device, processes); not an option
+RUN_INFO_KEY = "run_info"
 
 
 def train_ppo(cfg: PPOConfig, prompts: Sequence[str] | None = None, *, reward_fn: Callable | None = None,
@@ -79,9 +90,17 @@ def train_ppo(cfg: PPOConfig, prompts: Sequence[str] | None = None, *, reward_fn
             bit-identical to an uninterrupted run with the same config (``total_updates`` may be raised to train
             longer, never lowered below the updates done).
         progress: show a progress bar.
+
+    Under torchrun every process calls it (see the module doc); rank 0 holds the run directory's lock.
     """
-    with RunDir(cfg.run_dir).lock():
-        return PPOTrainer(cfg, prompts, reward_fn=reward_fn, resume=resume, progress=progress).run()
+    device = D.resolve_device(cfg.device)
+    if cfg.fsdp:
+        D.require_distributed("--fsdp")
+    dist = D.init_distributed(device)
+    D.configure_device(device)
+    with RunDir(cfg.run_dir).lock() if dist.is_main else contextlib.nullcontext():
+        return PPOTrainer(cfg, prompts, reward_fn=reward_fn, resume=resume, progress=progress, device=device,
+                          dist=dist).run()
 
 
 class PPOTrainer:
@@ -92,8 +111,10 @@ class PPOTrainer:
     def run(self) -> dict[str, float]:
         """Train from the current update to ``cfg.total_updates``; save the final checkpoint, policy/ and critic/."""
         cfg = self.cfg
-        logger = MetricsLogger(self.run_dir, resume_from_step=self.update if self.update else None)
-        bar = progress_bar(cfg.total_updates, desc="ppo", unit="update", disable=None if self.progress else True)
+        logger = (MetricsLogger(self.run_dir, resume_from_step=self.update if self.update else None) if self.main
+                  else None)
+        bar = progress_bar(cfg.total_updates, desc="ppo", unit="update",
+                           disable=None if self.progress and self.main else True)
         bar.update(self.update)
         last: dict[str, float] = {}
         try:
@@ -103,7 +124,8 @@ class PPOTrainer:
                 if self.eval_prompts and (self.update == cfg.total_updates or (
                         cfg.eval_every and self.update % cfg.eval_every == 0)):
                     last.update(self._evaluate())
-                logger.log(self.update, last)
+                if logger is not None:
+                    logger.log(self.update, last)
                 bar.update(1)
                 bar.set_postfix({"reward": last["reward"], "kl": last["ref_kl"],
                                  "tok/s": last["tokens_per_second"]})
@@ -114,8 +136,9 @@ class PPOTrainer:
             self._save_final()
         finally:
             bar.close()
-            logger.close()
-        if cfg.plot:
+            if logger is not None:
+                logger.close()
+        if cfg.plot and self.main:
             try:
                 plot_run(self.run_dir)
             except UserError:  # no metrics (resumed a finished run)
@@ -128,12 +151,16 @@ class PPOTrainer:
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         ids, mask, prompts = self._prompt_batch()
+        sampler_state = self.sample_gen.get_state()
         ro = collect_rollout(
             self.models, self.tokenizer, ids, mask, prompts, self.score_fn,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
             stop_strings=self.opts.stop_strings, generator=self.sample_gen, bf16=cfg.bf16,
             eos_token_id=self.eos_ids, forward_batch_size=cfg.forward_batch_size,
+            uniforms=self._uniforms(), check_every=1 if self.device.type == "cpu" else 8,
+            all_done=D.all_ranks_agree_stop if cfg.fsdp else None,
         )
+        self._advance_sampler(sampler_state, ro.response_mask.shape[1])
         kl_coef = self.kl_ctl.coef
         t1 = time.perf_counter()
         try:
@@ -147,14 +174,15 @@ class PPOTrainer:
         t2 = time.perf_counter()
         self.scheduler.step()
         self.kl_ctl.update(m["ref_kl"], self.sizes.batch_size)
-        n_tokens = float(ro.lengths.sum())
+        n_tokens = float(D.all_reduce_sum(ro.lengths.sum().reshape(1))[0])  # of the whole rollout
         m.update(kl_coef=kl_coef, lr=lr, progress=self.update / cfg.total_updates,
                  time_generation=ro.timings["generation"], time_forward=ro.timings["forward"],
                  time_scoring=ro.timings["scoring"], time_training=t2 - t1, time_update=t2 - t0,
                  tokens_per_second=n_tokens / max(t2 - t0, 1e-9),
                  generation_tokens_per_second=n_tokens / max(ro.timings["generation"], 1e-9))
-        m.update({f"reward/{name}": float(s.mean()) for name, s in ro.score_parts.items()})
-        if cfg.sample_every and (self.update + 1) % cfg.sample_every == 0:
+        m.update({f"reward/{name}": float(D.all_gather_cat(s.reshape(-1), equal_sizes=True).mean())
+                  for name, s in ro.score_parts.items()})
+        if cfg.sample_every and (self.update + 1) % cfg.sample_every == 0 and self.main:
             self._sample_table(ro)
         return m
 
@@ -162,8 +190,8 @@ class PPOTrainer:
         """``eval/*`` metrics of the policy against the reference on the held-out prompts (own seeded generator:
         the training RNG streams are untouched, so a resume stays bit-exact)."""
         cfg = self.cfg
-        result = evaluate_policy(
-            self.models.policy, self.models.ref, self.tokenizer, self.eval_prompts, self.score_fn,
+        result = evaluate_policy(  # every rank evaluates the same prompts (the same forwards, as FSDP needs)
+            D.unwrap_model(self.models.policy), self.models.ref, self.tokenizer, self.eval_prompts, self.score_fn,
             template=self.template, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
             batch_size=cfg.forward_batch_size or cfg.rollout_size * cfg.group_size,
             max_prompt_length=cfg.max_prompt_length, stop_strings=self.opts.stop_strings, eos_token_id=self.eos_ids,
@@ -178,7 +206,24 @@ class PPOTrainer:
             idx = torch.randint(n, (cfg.rollout_size,), generator=self.data_gen)
         idx = idx.repeat_interleave(cfg.group_size).tolist()  # groups are contiguous
         ids, mask = left_pad([self.prompt_ids[i] for i in idx], self.tokenizer.pad_token_id)
-        return ids, mask, [self.prompts[i] for i in idx]
+        # this rank's share of the rollout (all of it with one process), padded as the whole rollout is
+        s = self.shard
+        return ids[s].to(self.device), mask[s].to(self.device), [self.prompts[i] for i in idx[s]]
+
+    def _uniforms(self) -> torch.Tensor:
+        """This rank's columns of the whole rollout's sampling uniforms, (max_new_tokens, rows) on the device: the
+        draws one process makes step after step (row t = step t, one per sequence), so a sample depends on its
+        position in the rollout only, not on the number of processes."""
+        u = torch.rand((self.cfg.max_new_tokens, self.sizes.batch_size), generator=self.sample_gen,
+                       dtype=torch.float64)
+        return u[:, self.shard].to(self.device)
+
+    def _advance_sampler(self, state: torch.Tensor, steps: int) -> None:
+        """Leave the sampling generator where one process leaves it: after ``steps`` (the most any rank ran) rows
+        of the whole rollout's uniforms."""
+        steps = int(D.all_reduce_max(torch.tensor([steps]))[0])
+        self.sample_gen.set_state(state)
+        torch.rand(steps * self.sizes.batch_size, generator=self.sample_gen, dtype=torch.float64)
 
     def _sample_table(self, ro: Rollout) -> None:
         """Print a prompt/completion/score table and append it to run_dir/samples.md."""
@@ -201,23 +246,35 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------- setup
     def __init__(self, cfg: PPOConfig, prompts: Sequence | None = None, *,
                  reward_fn: Callable | Sequence[Callable] | None = None, resume: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, device: torch.device | None = None, dist: D.DistInfo | None = None) -> None:
         self.cfg = cfg
         self.sizes = PPOSizes.from_config(cfg)
         self.opts = ResolvedOptions.from_config(cfg)
         self.progress = progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.device = device if device is not None else D.resolve_device(cfg.device)
+        self.dist = dist if dist is not None else D.init_distributed(self.device)
+        self.main = self.dist.is_main
+        world = self.dist.world_size
+        self.shard = D.shard_indices(self.sizes.batch_size, self.dist.rank, world, cfg.group_size,
+                                     what="rollout_size x group_size")
+        if cfg.minibatch_size % (world * cfg.grad_accum_steps):
+            raise UserError(f"minibatch_size={cfg.minibatch_size} cannot be split into {world} process(es) x "
+                            f"grad_accum_steps={cfg.grad_accum_steps} equal micro-batches; make it a multiple of "
+                            f"{world * cfg.grad_accum_steps}")
         self.run_dir = run = RunDir(cfg.run_dir)
         # everything is validated before the run directory is written, so a refused command changes nothing
         start = None
         if resume:
-            start = resume_checkpoint(run)  # newest checkpoint, checksums verified
+            # newest checkpoint, checksums verified: rank 0 picks it, every rank reads it
+            start = resume_checkpoint(run) if self.main else None
+            start = Path(D.broadcast_object(str(start) if start is not None else ""))
             done = checkpoint_step(start)
             if cfg.total_updates < done:
                 raise UserError(f"--total-updates {cfg.total_updates} is below the {done} updates {run.path} has "
                                 f"already done; give at least {done}")
-        elif run.has_run():
+        elif run.has_run() and self.main:
             run.create(exist_ok=False, outputs=RUN_OUTPUTS)  # "already exists; pass --resume" (or reuse debris)
         self.prompts = load_prompts(cfg.prompts, prompts, run.path, cfg.prompt_column)
         self.eval_prompts = load_prompts(cfg.eval_prompts, None, None, cfg.prompt_column, split="eval",
@@ -243,6 +300,8 @@ class PPOTrainer:
             raise UserError(f"prompts of up to {longest} tokens + max_new_tokens {cfg.max_new_tokens} exceed the "
                             f"policy's context of {ctx} tokens; lower --max-prompt-length or --max-new-tokens")
         self.score_fn = make_scorer(cfg, self.tokenizer, reward_fn, self.template)
+        _scorers_to(self.score_fn, self.device)
+        self.models = self._place_models(self.models)  # on the device; DDP-wrapped / FSDP-sharded under torchrun
         self.eval_cache: dict = {}
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
         self.optimizer = self._make_optimizer()
@@ -256,12 +315,16 @@ class PPOTrainer:
         if start is not None:
             self._load(start)
 
+        if not self.main:
+            return
         run.create(exist_ok=resume, outputs=RUN_OUTPUTS)
         if resume:
             _drop_sample_tables_after(run.path / SAMPLES_FILE, self.update)
         elif prompts is not None:
             keep_prompts(run.path, self.prompts)
-        run.write_config(to_dict(cfg))
+        run.write_config({**to_dict(cfg), RUN_INFO_KEY: {"device": str(self.device), "processes": world}})
+        print(f"ppo: device {self.device}" + (f", {world} processes (torchrun" + (", FSDP)" if cfg.fsdp else ")")
+                                             if world > 1 else ""), flush=True)
 
     def _build_models(self) -> ModelSet:
         """Policy (LoRA, shared-trunk value head as configured), frozen reference, critic; dropout off everywhere."""
@@ -301,7 +364,7 @@ class PPOTrainer:
 
     def _make_optimizer(self) -> torch.optim.AdamW:
         """One AdamW, a param group per model; a shared-trunk value head gets the critic's learning rate."""
-        cfg, policy, critic = self.cfg, self.models.policy, self.models.critic
+        cfg, policy, critic = self.cfg, D.unwrap_model(self.models.policy), self.models.critic
         lr, critic_lr = cfg.learning_rate, self.opts.critic_learning_rate
         trainable = [p for p in policy.parameters() if p.requires_grad]
         if isinstance(policy, PolicyWithValueHead):
@@ -324,10 +387,12 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _modules(self) -> nn.ModuleDict:
-        """The trained models under one module: checkpoint tensors ``model.policy.*`` and ``model.critic.*``."""
-        named = {"policy": self.models.policy}
+        """The trained models under one module: checkpoint tensors ``model.policy.*`` and ``model.critic.*`` (the
+        bare models inside DDP / :class:`~proxrl.lm.heads.TokenValues`, whichever the layout)."""
+        named = {"policy": D.unwrap_model(self.models.policy)}
         if self.models.critic is not None:
-            named["critic"] = self.models.critic
+            critic = D.unwrap_model(self.models.critic)
+            named["critic"] = critic.model if isinstance(critic, TokenValues) else critic
         return nn.ModuleDict(named)
 
     def _save(self) -> Path:
@@ -363,10 +428,68 @@ class PPOTrainer:
         loadable with ``from_pretrained``; the chat template in use is saved as the tokenizer's ``chat_template``."""
         if self.template is not None:
             self.tokenizer.chat_template = self.template
-        save_model_and_tokenizer(self.models.policy, self.tokenizer, self.run_dir.path / "policy",
+        mods = self._modules()
+        if self.cfg.fsdp:  # gather the shards (every rank), rank 0 saves whole copies
+            state = D.full_state_dict(mods)
+            if not self.main:
+                return
+            mods = self._whole_models(state)
+        elif not self.main:
+            return
+        save_model_and_tokenizer(mods["policy"], self.tokenizer, self.run_dir.path / "policy",
                                  merge_lora=bool(self.cfg.lora_r))
+        if "critic" in mods:
+            save_model_and_tokenizer(mods["critic"], self.tokenizer, self.run_dir.path / "critic")
+
+    def _place_models(self, models: ModelSet) -> ModelSet:
+        """The models on the device; under torchrun the policy and critic (as a
+        :class:`~proxrl.lm.heads.TokenValues`) DDP-wrapped, or sharded with FSDP2 (``--fsdp``); the reference stays
+        a replicated frozen copy (with LoRA and DDP: the policy's own base, adapters off)."""
+        cfg, dev = self.cfg, self.device
+        policy, critic = models.policy.to(dev), models.critic
+        ref = models.ref if cfg.lora_r else models.ref.to(dev)
+        if critic is not None:
+            critic = critic.to(dev)
+        if self.dist.distributed:
+            if critic is not None:
+                critic = TokenValues(critic)
+            if cfg.fsdp:
+                policy = D.fsdp_shard(policy, dev, cfg.bf16)
+                critic = D.fsdp_shard(critic, dev, cfg.bf16) if critic is not None else None
+            else:
+                policy = D.wrap_ddp(policy, dev)
+                critic = D.wrap_ddp(critic, dev) if critic is not None else None
+        return ModelSet(policy=policy, ref=ref, critic=critic)
+
+    def _whole_models(self, state: dict[str, torch.Tensor]) -> nn.ModuleDict:
+        """Plain CPU copies of the policy and critic holding ``state`` (:meth:`_modules`' whole state dict), built
+        from the run's model directories: what rank 0 saves at the end of an FSDP run."""
+        cfg = self.cfg
+        out = {}
+        policy = D.unwrap_model(self.models.policy)
+        if cfg.lora_r:  # a PEFT model: rebuild it as the run did (the base from --policy, the same adapters)
+            plain = apply_lora(load_causal_lm(cfg.policy, trust_remote_code=cfg.trust_remote_code), r=cfg.lora_r,
+                               alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+            plain.load_state_dict({k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")},
+                                  strict=True)
+            out["policy"] = plain.eval()
+        else:
+            out["policy"] = unsharded_copy(policy, {k[len("policy."):]: v for k, v in state.items()
+                                                    if k.startswith("policy.")})
         if self.models.critic is not None:
-            save_model_and_tokenizer(self.models.critic, self.tokenizer, self.run_dir.path / "critic")
+            critic = self._modules()["critic"]
+            out["critic"] = unsharded_copy(critic, {k[len("critic."):]: v for k, v in state.items()
+                                                    if k.startswith("critic.")})
+        return nn.ModuleDict(out)
+
+
+def _scorers_to(score_fn: Callable, device: torch.device) -> None:
+    """Move the reward models of a :class:`~proxrl.lm.scoring.Scorer` to ``device`` (each process holds a whole
+    copy); reward functions are unaffected (they get strings)."""
+    for _, _, fn in getattr(score_fn, "components", ()):
+        scorer = getattr(fn, "scorer", None)
+        if scorer is not None and getattr(scorer, "model", None) is not None:
+            scorer.model.to(device)
 
 
 def _arm_gradient_checkpointing(models: ModelSet) -> None:

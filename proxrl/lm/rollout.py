@@ -29,8 +29,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from proxrl import distributed as D
 from proxrl.lm.generation import generate
-from proxrl.lm.heads import PolicyWithValueHead
+from proxrl.lm.heads import is_value_head_policy
 from proxrl.lm.logprobs import critic_values, response_forward
 from proxrl.lm.positions import last_token_index
 from proxrl.lm.reference import reference_context
@@ -38,9 +39,13 @@ from proxrl.lm.reference import reference_context
 __all__ = ["Rollout", "ModelSet", "collect_rollout", "autocast_ctx"]
 
 
-def autocast_ctx(bf16: bool) -> contextlib.AbstractContextManager:
-    """``torch.autocast("cpu", bfloat16)`` when ``bf16`` else a no-op context."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def autocast_ctx(bf16: bool, device: torch.device | str | None = None) -> contextlib.AbstractContextManager:
+    """``torch.autocast(<device type>, bfloat16)`` (CUDA, else the CPU; default the CPU) when ``bf16`` else a no-op
+    context."""
+    if not bf16:
+        return contextlib.nullcontext()
+    kind = torch.device(device).type if device is not None else "cpu"
+    return torch.autocast(kind if kind == "cuda" else "cpu", dtype=torch.bfloat16)
 
 
 @dataclass
@@ -52,6 +57,8 @@ class ModelSet:
     :func:`~proxrl.lm.reference.reference_from_policy`, always called inside
     :func:`~proxrl.lm.reference.reference_context` (which disables LoRA adapters when ref is the LoRA policy).
     critic: separate seq-cls model read at every position, or None (no critic, or value head on the policy).
+    Under torchrun policy and critic are DDP-wrapped (the critic as a :class:`~proxrl.lm.heads.TokenValues`) or
+    FSDP-sharded; the rollout's no-grad forwards use :func:`proxrl.distributed.unwrap_model` of them.
     """
 
     policy: nn.Module
@@ -60,7 +67,7 @@ class ModelSet:
 
     @property
     def value_head_on_policy(self) -> bool:
-        return isinstance(self.policy, PolicyWithValueHead)
+        return is_value_head_policy(self.policy)
 
 
 @dataclass
@@ -115,6 +122,9 @@ def collect_rollout(
     bf16: bool = False,
     eos_token_id: int | Sequence[int] | None = None,
     forward_batch_size: int = 0,
+    uniforms: Tensor | None = None,
+    check_every: int = 1,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> Rollout:
     """Sample one completion per row of ``prompt_ids`` (B, P) and run the no-grad forwards listed above.
 
@@ -122,12 +132,16 @@ def collect_rollout(
     the completed sequences (reward model or reward function); when it has ``last_components`` (a
     :class:`proxrl.lm.scoring.Scorer`) they are kept in ``Rollout.score_parts``. ``eos_token_id``: the id(s) that end
     a completion (a chat template's end-of-turn token and EOS; default ``tokenizer.eos_token_id``).
-    ``forward_batch_size``: rows per reference / critic forward (0: all at once).
+    ``forward_batch_size``: rows per reference / critic forward (0: all at once). ``uniforms``, ``check_every``,
+    ``all_done``: see :func:`proxrl.lm.generation.generate`. Everything stays on ``prompt_ids``' device except
+    the completions (decoded once) and what a reward function sees (strings).
     """
     t0 = time.perf_counter()
-    with autocast_ctx(bf16):
+    device = prompt_ids.device
+    policy = D.unwrap_model(models.policy)  # no DDP hooks in no-grad passes (an FSDP module is itself)
+    with autocast_ctx(bf16, device):
         gen = generate(
-            models.policy,
+            policy,
             prompt_ids,
             prompt_mask,
             max_new_tokens=max_new_tokens,
@@ -139,6 +153,9 @@ def collect_rollout(
             tokenizer=tokenizer,
             generator=generator,
             return_values=models.value_head_on_policy,
+            uniforms=uniforms,
+            check_every=check_every,
+            all_done=all_done,
         )
     t1 = time.perf_counter()
     # clone: generation runs under inference_mode, and inference tensors cannot be saved for backward later
@@ -148,7 +165,7 @@ def collect_rollout(
 
     step = forward_batch_size if forward_batch_size > 0 else max(ids.shape[0], 1)
     chunks = [slice(i, i + step) for i in range(0, ids.shape[0], step)]
-    with autocast_ctx(bf16):
+    with autocast_ctx(bf16, device):
         with reference_context(models.ref) as ref:
             ref_logprobs = torch.cat([response_forward(ref, ids[c], attn[c], p, temperature).logprobs
                                       for c in chunks])
@@ -157,15 +174,17 @@ def collect_rollout(
             # the value head shares the policy trunk: the generation pass computed the values
             values = gen.values.float().clone()
         elif models.critic is not None:
-            values = torch.cat([critic_values(models.critic, ids[c], attn[c], p) for c in chunks])
+            critic = D.unwrap_model(models.critic)
+            values = torch.cat([critic_values(critic, ids[c], attn[c], p) for c in chunks])
     ref_logprobs = ref_logprobs * rmask
     if values is not None:
         values = values * rmask
     t2 = time.perf_counter()
 
-    resp = ids[:, p:]
-    completions = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
-    scores = score_fn(ids, attn, p, rmask, list(prompts), completions).detach().float().reshape(-1)
+    resp, resp_mask = ids[:, p:].cpu().tolist(), rmask.bool().cpu().tolist()  # one device -> host copy
+    completions = [tokenizer.decode([t for t, m in zip(r, rm) if m], skip_special_tokens=True)
+                   for r, rm in zip(resp, resp_mask)]
+    scores = score_fn(ids, attn, p, rmask, list(prompts), completions).detach().float().reshape(-1).to(device)
     parts = getattr(score_fn, "last_components", None)
     t3 = time.perf_counter()
     return Rollout(

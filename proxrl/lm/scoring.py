@@ -144,7 +144,7 @@ def reward_model_component(model_dir: str, policy_tokenizer: Any, policy_templat
     retokenize = not (scorer.same_tokenizer and scorer.per_position and template == policy_template)
 
     def score_fn(ids: Tensor, attn: Tensor, p: int, rmask: Tensor, prompts: list, completions: list) -> Tensor:
-        with autocast_ctx(bf16):
+        with autocast_ctx(bf16, ids.device):
             if retokenize:
                 return scorer.score_texts(prompts, completions, batch_size=batch_size)
             last = p + last_token_index(rmask)  # explicit index of the last response token
