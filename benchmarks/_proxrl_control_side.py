@@ -13,7 +13,10 @@ time (rollouts, updates and metric logging; evaluation and checkpoint writing ex
 ``--grad-backend numpy|autograd`` overrides the config's ``grad_backend`` (default ``auto``, which is numpy
 for these MLP policies), to compare the closed-form numpy gradient with torch autograd.
 
-Usage: ``python benchmarks/_proxrl_control_side.py {cartpole,pendulum} SEED STEPS OUT.json
+``breakout``: ``PRESETS["ALE/Breakout-v5"]`` (CleanRL ppo_atari: 8 async envs x 128 steps, 4 minibatches, 4
+epochs, Nature CNN), STEPS agent steps (4 frames each), one whole-game evaluation at the end (not timed).
+
+Usage: ``python benchmarks/_proxrl_control_side.py {cartpole,pendulum,breakout} SEED STEPS OUT.json
 [--eval-every N] [--grad-backend auto|numpy|autograd] [--profile OUT.prof] [--breakdown]``
 """
 from __future__ import annotations
@@ -32,7 +35,8 @@ import torch  # noqa: E402
 from proxrl.control import PRESETS, ControlConfig, train  # noqa: E402
 
 SOLVED = 475.0
-ENV_IDS = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1"}
+ENV_IDS = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1", "breakout": "ALE/Breakout-v5"}
+EVAL_EPISODES = {"cartpole": 20, "pendulum": 20, "breakout": 1}  # Breakout: one whole game at the end, not timed
 
 
 class _Timers:
@@ -126,7 +130,8 @@ def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = 
     timers = _install_breakdown() if breakdown else None
     env_id = ENV_IDS[env]
     cfg = ControlConfig(**{
-        **PRESETS[env_id], "seed": seed, "total_steps": steps, "eval_every": eval_every, "eval_episodes": 20,
+        **PRESETS[env_id], "seed": seed, "total_steps": steps, "eval_every": eval_every,
+        "eval_episodes": EVAL_EPISODES[env],
         "checkpoint_every": 0, "tensorboard": False, "threads": 1, "grad_backend": grad_backend,
     })
     tmp = Path(tempfile.mkdtemp(prefix=f"proxrl_bench_{env}_"))
@@ -162,6 +167,8 @@ def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = 
         "final_eval_mean": float(final["eval_return_mean"]),
         "final_eval_std": float(final["eval_return_std"]),
     }
+    if env == "breakout":
+        out.update(frames=4 * out["steps"], frames_per_second=4 * out["steps_per_second"])
     if timers is not None:
         out["breakdown"] = {k: {"seconds": v[0], "calls": v[1]} for k, v in timers.totals.items()}
     return out

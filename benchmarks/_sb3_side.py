@@ -13,9 +13,18 @@ The workloads are rl-baselines3-zoo's tuned PPO settings, exactly as the peers' 
   (batch_size stays SB3's default 64); no evaluation during training; the final deterministic evaluation
   (20 episodes) after ``learn`` is not timed.
 
+* ``breakout``: ``ALE/Breakout-v5`` through SB3's own Atari pipeline, ``make_atari_env(n_envs=8,
+  vec_env_cls=SubprocVecEnv, env_kwargs={"frameskip": 1})`` (``AtariWrapper``: 30 no-ops, max-and-skip 4,
+  episodic life, fire reset, 84x84 grey, reward clipping) + ``VecFrameStack(4)``; ``CnnPolicy`` (Nature CNN,
+  shared trunk) with CleanRL ``ppo_atari``'s values as proxrl's preset has them: ``n_steps=128, batch_size=256,
+  n_epochs=4``, learning rate 2.5e-4 decayed linearly, ``clip_range=0.1, clip_range_vf=0.1, ent_coef=0.01,
+  vf_coef=0.25`` (SB3's value loss is the plain MSE: 0.25 = proxrl's value_coef 0.5 of 0.5*MSE),
+  ``max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95``. STEPS are agent steps (4 frames each); no evaluation
+  (``final_eval_mean`` is NaN). Reported: whole-loop frames/s (``learn``'s wall time, env start-up excluded).
+
 Both set ``torch.set_num_threads(1)``; the parent sets ``OMP_WAIT_POLICY=PASSIVE`` in the environment.
 
-Usage: ``python benchmarks/_sb3_side.py {cartpole,pendulum} SEED STEPS OUT.json [--eval-every 5000]``
+Usage: ``python benchmarks/_sb3_side.py {cartpole,pendulum,breakout} SEED STEPS OUT.json [--eval-every 5000]``
 """
 from __future__ import annotations
 
@@ -117,9 +126,44 @@ def run_pendulum(seed: int, steps: int) -> dict:
     }
 
 
+def _make_breakout(**kwargs):
+    """``gym.make("ALE/Breakout-v5")`` in a SubprocVecEnv worker (the ALE ids exist once ale_py is imported there)."""
+    import ale_py
+
+    gym.register_envs(ale_py)
+    return gym.make("ALE/Breakout-v5", **kwargs)
+
+
+def run_breakout(seed: int, steps: int) -> dict:
+    from stable_baselines3.common.env_util import make_atari_env
+    from stable_baselines3.common.vec_env import SubprocVecEnv, VecFrameStack
+
+    env = VecFrameStack(make_atari_env(_make_breakout, n_envs=8, seed=seed, vec_env_cls=SubprocVecEnv,
+                                       env_kwargs={"frameskip": 1}), n_stack=4)
+    model = PPO(
+        "CnnPolicy", env, n_steps=128, batch_size=256, n_epochs=4, learning_rate=_linear(2.5e-4), clip_range=0.1,
+        clip_range_vf=0.1, ent_coef=0.01, vf_coef=0.25, max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95,
+        seed=seed, verbose=0, device="cpu",
+    )
+    t0 = time.perf_counter()
+    model.learn(steps)
+    wall = time.perf_counter() - t0
+    env.close()
+    return {
+        "steps": int(model.num_timesteps),
+        "frames": 4 * int(model.num_timesteps),
+        "train_seconds": wall,
+        "steps_per_second": model.num_timesteps / wall,
+        "frames_per_second": 4 * model.num_timesteps / wall,
+        "parameters": sum(p.numel() for p in model.policy.parameters()),
+        "final_eval_mean": float("nan"),
+        "final_eval_std": float("nan"),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("env", choices=("cartpole", "pendulum"))
+    p.add_argument("env", choices=("cartpole", "pendulum", "breakout"))
     p.add_argument("seed", type=int)
     p.add_argument("steps", type=int)
     p.add_argument("out")
@@ -127,7 +171,12 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     import_seconds = time.perf_counter() - T_START
-    res = run_cartpole(a.seed, a.steps, a.eval_every) if a.env == "cartpole" else run_pendulum(a.seed, a.steps)
+    if a.env == "cartpole":
+        res = run_cartpole(a.seed, a.steps, a.eval_every)
+    elif a.env == "pendulum":
+        res = run_pendulum(a.seed, a.steps)
+    else:
+        res = run_breakout(a.seed, a.steps)
     res.update(side="sb3", env=a.env, seed=a.seed, import_seconds=import_seconds,
                process_seconds=time.perf_counter() - T_START)
     Path(a.out).write_text(json.dumps(res))

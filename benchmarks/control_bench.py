@@ -10,6 +10,11 @@ Workloads (rl-baselines3-zoo's tuned PPO hyperparameters, identical on both side
   (102,400 = 25 rollouts on both sides). SB3 runs rl-zoo's gSDE policy (``sde_sample_freq=4``); proxrl its
   ``PRESETS["Pendulum-v1"]`` (plain Gaussian, 64 minibatches, obs and reward normalisation). Reported: the
   final deterministic evaluation (20 episodes) and the training seconds.
+* **ALE/Breakout-v5** (``--env breakout``, not part of ``all``): whole-loop frames/s of one seed per side,
+  100k frames (``--quick``: 20k) = 25 (5) updates of 8 envs x 128 steps. Same Nature CNN (shared trunk,
+  512 features, linear heads) and CleanRL ``ppo_atari`` hyperparameters on both sides, each side's own Atari
+  preprocessing (proxrl: Gymnasium's wrappers in 8 ``AsyncVectorEnv`` processes; SB3: ``AtariWrapper`` in a
+  ``SubprocVecEnv`` of 8 + ``VecFrameStack``), 1 torch thread. No evaluation is timed.
 * **Env-only limit**: 100k CartPole steps of the native vector env (``gym.make_vec("CartPole-v1", 8,
   vectorization_mode="vector_entry_point")``, what proxrl steps) and of SB3's ``DummyVecEnv`` with 8 envs,
   random actions drawn beforehand: the steps/s no PPO on that env can beat.
@@ -24,6 +29,7 @@ Usage:
     python benchmarks/control_bench.py                      # CartPole 5 seeds + Pendulum 3 seeds + env limit
     python benchmarks/control_bench.py --env cartpole --seeds 5 --json /tmp/control.json
     python benchmarks/control_bench.py --quick              # smoke test: 1 seed, 20k / 8k steps
+    python benchmarks/control_bench.py --env breakout --quick   # Breakout frames/s, 20k frames per side
     python benchmarks/control_bench.py --profile /tmp/cartpole.prof   # where proxrl's CartPole time goes: a
                                       # stage-timer split of one run, then one run under cProfile
     python benchmarks/control_bench.py --backends numpy,autograd --seeds 3 --pendulum-seeds 3 --quick
@@ -46,9 +52,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SIDES = {"sb3": HERE / "_sb3_side.py", "proxrl": HERE / "_proxrl_control_side.py"}
-STEPS = {"cartpole": 100_000, "pendulum": 100_000}
-QUICK_STEPS = {"cartpole": 20_000, "pendulum": 8_192}
-EVAL_EVERY = {"cartpole": 5000, "pendulum": 0}
+STEPS = {"cartpole": 100_000, "pendulum": 100_000, "breakout": 25_600}  # Breakout: agent steps (x4 frames)
+QUICK_STEPS = {"cartpole": 20_000, "pendulum": 8_192, "breakout": 5_120}
+EVAL_EVERY = {"cartpole": 5000, "pendulum": 0, "breakout": 0}
 TARGETS = {
     "cartpole_solve_seconds": 0.5,   # proxrl median training seconds to solve
     "cartpole_speedup": 6.0,         # SB3 / proxrl median seconds to solve
@@ -239,6 +245,23 @@ def report_pendulum(runs: list[dict], steps: int) -> dict:
     return summary
 
 
+def report_breakout(runs: list[dict], frames: int) -> dict:
+    print(f"\nALE/Breakout-v5 ({frames} frames per run, whole loop: rollouts with 8 envs + Nature-CNN updates)")
+    print(f"{'seed':>4} {'side':>7} {'frames':>8} {'frames/s':>9} {'train s':>8} {'process s':>9}")
+    for r in runs:
+        print(f"{r['seed']:>4} {r['side']:>7} {r['frames']:>8} {r['frames_per_second']:>9.0f} {r['train_seconds']:>8.1f} "
+              f"{r['child_wall_seconds']:>9.1f}")
+    summary: dict = {side: {"median_frames_per_second": _median([r["frames_per_second"] for r in runs
+                                                                 if r["side"] == side])}
+                     for side in ("sb3", "proxrl") if any(r["side"] == side for r in runs)}
+    if len(summary) == 2:
+        ratio = summary["proxrl"]["median_frames_per_second"] / summary["sb3"]["median_frames_per_second"]
+        summary["ratios"] = {"frames_per_second_proxrl_over_sb3": ratio}
+        print(f"ratio (medians): frames/s proxrl/SB3 = {ratio:.2f}x (issue 9 target >= 2x: "
+              f"{'met' if ratio >= 2 else 'NOT met'})")
+    return summary
+
+
 # ================================================================================ main
 def _interleaved(env: str, seeds: int, steps: int, sides: list[str]) -> list[dict]:
     runs = []
@@ -309,9 +332,11 @@ def _profile(out: str, steps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env", choices=("cartpole", "pendulum", "all"), default="all")
+    p.add_argument("--env", choices=("cartpole", "pendulum", "breakout", "all"), default="all",
+                   help="all = cartpole + pendulum (breakout only when asked: minutes per run)")
     p.add_argument("--seeds", type=int, default=5, help="CartPole seeds per side (default 5)")
     p.add_argument("--pendulum-seeds", type=int, default=3, help="Pendulum seeds per side (default 3)")
+    p.add_argument("--breakout-seeds", type=int, default=1, help="Breakout seeds per side (default 1)")
     p.add_argument("--sides", default="sb3,proxrl", help="comma-separated subset of sb3,proxrl")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed each, 20k CartPole / 8k Pendulum steps")
     p.add_argument("--json", default=None, help="write all per-run results and the summary to this file")
@@ -379,6 +404,9 @@ def main() -> None:
     if a.env in ("pendulum", "all"):
         runs = _interleaved("pendulum", pseeds, steps["pendulum"], sides)
         results["pendulum"] = {"runs": runs}
+    if a.env == "breakout":
+        runs = _interleaved("breakout", 1 if a.quick else a.breakout_seeds, steps["breakout"], sides)
+        results["breakout"] = {"runs": runs, "summary": report_breakout(runs, 4 * steps["breakout"])}
     meta["loadavg_end"] = os.getloadavg()
     if "cartpole" in results:
         c = results["cartpole"]

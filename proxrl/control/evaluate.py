@@ -104,7 +104,7 @@ class Evaluator:
 
 def evaluate_run(
     run_dir: str | Path, episodes: int | None = None, seed: int | None = None, env_fn: EnvFactory | None = None,
-    device: str = "cpu", video: int = 0, video_format: str = "auto",
+    device: str = "auto", video: int = 0, video_format: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate the latest checkpoint of ``run_dir`` deterministically (greedy actions, frozen obs stats).
 
