@@ -108,7 +108,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             type=_converter(tp, optional),
             default=argparse.SUPPRESS,
             metavar=f.metadata.get("metavar", metavar),
-            help=help_text,
+            help=help_text.replace("%", "%%"),  # argparse %-formats help strings
         )
 
 

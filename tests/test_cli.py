@@ -129,3 +129,17 @@ def test_non_finite_float_flag_is_refused(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "CartPole-v1", "--run-dir", str(tmp_path / "r"), "--value-coef", "inf")
     assert_one_line_error(code, err, "--value-coef", "finite", "'inf'")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "plot", "sft", "reward-model", "ppo", "generate", "evaluate",
+                                     "demo"])
+def test_every_command_help_renders(capsys, command):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0 and "--debug" in out and "usage: proxrl" in out
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from proxrl.cli import build_parser; build_parser(['--help']).format_help(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,16 +1,35 @@
-"""proxrl.control: PPO on Gymnasium environments (Discrete and Box actions), CleanRL-style and fast.
+"""proxrl.control: PPO on Gymnasium environments (Discrete, Box, MultiDiscrete, MultiBinary actions; vector,
+image and Dict observations), CleanRL-style and fast.
 
 Public API::
 
     ControlConfig, PRESETS
     train(cfg, run_dir, resume=False, progress=True, env_fn=None) -> dict
-    evaluate_run(run_dir, episodes=10, seed=None, env_fn=None) -> dict
+    evaluate_run(run_dir, episodes=None, seed=None, env_fn=None) -> dict
     plot_run(run_dir, dims=None, env_fn=None) -> list[Path]
-"""
-from proxrl.control.config import ControlConfig, Sizes, sizes
-from proxrl.control.evaluate import evaluate_run
-from proxrl.control.plots import plot_run
-from proxrl.control.presets import PRESETS
-from proxrl.control.train import train
 
-__all__ = ["ControlConfig", "Sizes", "sizes", "PRESETS", "train", "evaluate_run", "plot_run"]
+The names are resolved on first use (PEP 562), so ``import proxrl.control.config`` (what ``proxrl --help``
+needs) does not import torch or gymnasium's environments.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ControlConfig": "config",
+    "Sizes": "config",
+    "sizes": "config",
+    "PRESETS": "presets",
+    "train": "train",
+    "evaluate_run": "evaluate",
+    "plot_run": "plots",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'proxrl.control' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"proxrl.control.{_WHERE[name]}"), name)
