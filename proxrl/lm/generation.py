@@ -106,6 +106,13 @@ def _sample(probs: Tensor, generator: torch.Generator | None, uniform: Tensor | 
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+def _is_sharded(model: Any) -> bool:
+    """True for a model with FSDP2-sharded parts (its forwards gather parameters)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _cache_kw(model: Any) -> str:
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -213,7 +220,8 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor, *, max_new_t
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        # no inference tensors for an FSDP-sharded model: its gathered parameters are reused in training
+        with torch.no_grad() if _is_sharded(model) else torch.inference_mode():
             logits, value, cache = step_fn(input_ids, mask, positions, None)
             for step in range(max_new_tokens):
                 logits = logits.float()

@@ -158,9 +158,10 @@ class PPOTrainer:
             stop_strings=self.opts.stop_strings, generator=self.sample_gen, bf16=cfg.bf16,
             eos_token_id=self.eos_ids, forward_batch_size=cfg.forward_batch_size,
             uniforms=self._uniforms(), check_every=1 if self.device.type == "cpu" else 8,
-            all_done=D.all_ranks_agree_stop if cfg.fsdp else None,
+            all_done=_all_ranks_done if cfg.fsdp else None,
         )
         self._advance_sampler(sampler_state, ro.response_mask.shape[1])
+        _reshard(self.models)
         kl_coef = self.kl_ctl.coef
         t1 = time.perf_counter()
         try:
@@ -196,6 +197,7 @@ class PPOTrainer:
             batch_size=cfg.forward_batch_size or cfg.rollout_size * cfg.group_size,
             max_prompt_length=cfg.max_prompt_length, stop_strings=self.opts.stop_strings, eos_token_id=self.eos_ids,
             cache=self.eval_cache)
+        _reshard(self.models)
         return {f"eval/{k}": float(v) for k, v in result["metrics"].items()}
 
     def _prompt_batch(self) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -481,6 +483,19 @@ class PPOTrainer:
             out["critic"] = unsharded_copy(critic, {k[len("critic."):]: v for k, v in state.items()
                                                     if k.startswith("critic.")})
         return nn.ModuleDict(out)
+
+
+def _all_ranks_done(done_here: bool) -> bool:
+    """True on every rank once every rank's rows have finished (FSDP: every rank runs the same forwards)."""
+    return not D.all_ranks_agree_stop(not done_here)
+
+
+def _reshard(models: ModelSet) -> None:
+    """Reshard FSDP roots after no-grad forwards: FSDP2 keeps a root's parameters gathered after its forward until
+    a backward, and until then ``parameters()`` yields the gathered copies, not the shards the optimizer updates."""
+    for m in (models.policy, models.critic):
+        if m is not None and hasattr(m, "reshard"):
+            m.reshard()
 
 
 def _scorers_to(score_fn: Callable, device: torch.device) -> None:

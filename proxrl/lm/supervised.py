@@ -317,12 +317,19 @@ def _loop(cfg: Config, run: RunDir, stage: Prepared, module: torch.nn.Module, op
     model = stage.model
     main = dist.is_main
     plain = D.unwrap_model(module)  # evaluation: no DDP hooks (an FSDP module stays sharded: every rank calls it)
+
+    def evaluate() -> dict[str, float]:
+        out = stage.evaluate(plain)
+        if hasattr(module, "reshard"):  # FSDP2 keeps the root gathered after a no-grad forward: back to shards
+            module.reshard()
+        return out
+
     logger = MetricsLogger(run.path, resume_from_step=start if loop is not None else None) if main else None
     if loop is None:
         perm: list[int] = []
         windows: dict[str, list[float]] = {}
         totals: dict[str, int] = {}
-        ev0 = stage.evaluate(plain)
+        ev0 = evaluate()
         ev = ev0
         if logger is not None:
             logger.log(0, ev0)
@@ -378,7 +385,7 @@ def _loop(cfg: Config, run: RunDir, stage: Prepared, module: torch.nn.Module, op
                 bar.set_postfix({k.removeprefix("train_"): v for k, v in metrics.items() if k in windows})
                 windows = {}
             if eval_now:
-                ev = stage.evaluate(plain)
+                ev = evaluate()
                 metrics.update(ev)
             if metrics and logger is not None:
                 logger.log(step, metrics)
@@ -396,6 +403,8 @@ def _loop(cfg: Config, run: RunDir, stage: Prepared, module: torch.nn.Module, op
         save_model_and_tokenizer(unsharded_copy(model, weights) if weights is not None else model, stage.tokenizer,
                                  run.path)
     final = stage.final(plain) if stage.final is not None else {}
+    if hasattr(module, "reshard"):
+        module.reshard()
     if not main:
         return LoopResult(steps=total, eval_initial=ev0, eval=ev, totals=totals, train_loss=math.nan, final=final,
                           run_dir=run.path)
