@@ -339,8 +339,8 @@ class PPOTrainer:
             ref = reference_from_policy(policy, use_lora_adapters=True)
         else:
             ref = reference_from_policy(policy)
-        if cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) and no input grads
-            unwrap_model(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.gradient_checkpointing:
+            _enable_checkpointing(unwrap_model(policy))
         critic = None
         if self.opts.uses_critic and cfg.value_head_on_policy:
             policy = policy_with_value_head(policy, head_std=0.0)
@@ -352,7 +352,7 @@ class PPOTrainer:
                 check_tokenizer_fits(critic, tok, cfg.critic, what="critic")
             disable_dropout(critic).eval()
             if cfg.gradient_checkpointing:
-                critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                _enable_checkpointing(critic)
         policy.eval()
         return ModelSet(policy=policy, ref=ref, critic=critic)
 
@@ -498,13 +498,14 @@ def _reshard(models: ModelSet) -> None:
             m.reshard()
 
 
-def _scorers_to(score_fn: Callable, device: torch.device) -> None:
-    """Move the reward models of a :class:`~proxrl.lm.scoring.Scorer` to ``device`` (each process holds a whole
-    copy); reward functions are unaffected (they get strings)."""
-    for _, _, fn in getattr(score_fn, "components", ()):
-        scorer = getattr(fn, "scorer", None)
-        if scorer is not None and getattr(scorer, "model", None) is not None:
-            scorer.model.to(device)
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of every layer of a HF model, non-reentrant (works with frozen embeddings, as
+    under LoRA, and needs no input gradients); ``activation_checkpointing_enable`` where transformers has it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _arm_gradient_checkpointing(models: ModelSet) -> None:
