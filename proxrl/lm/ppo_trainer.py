@@ -498,6 +498,15 @@ def _reshard(models: ModelSet) -> None:
             m.reshard()
 
 
+def _scorers_to(score_fn: Callable, device: torch.device) -> None:
+    """Move the reward models of a :class:`~proxrl.lm.scoring.Scorer` to ``device`` (each process holds a whole
+    copy); reward functions are unaffected (they get strings)."""
+    for _, _, fn in getattr(score_fn, "components", ()):
+        scorer = getattr(fn, "scorer", None)
+        if scorer is not None and getattr(scorer, "model", None) is not None:
+            scorer.model.to(device)
+
+
 def _enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing of every layer of a HF model, non-reentrant (works with frozen embeddings, as
     under LoRA, and needs no input gradients); ``activation_checkpointing_enable`` where transformers has it."""
