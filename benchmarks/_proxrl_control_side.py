@@ -135,8 +135,23 @@ def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = 
         "checkpoint_every": 0, "tensorboard": False, "threads": 1, "grad_backend": grad_backend,
     })
     tmp = Path(tempfile.mkdtemp(prefix=f"proxrl_bench_{env}_"))
+    eval_cpu = [0.0]
+    if env == "breakout":  # learner CPU seconds exclude the (untimed) evaluation, as train_seconds does
+        from proxrl.control.evaluate import Evaluator
+
+        evaluate = Evaluator.evaluate
+
+        def timed_evaluate(self, *args, **kwargs):
+            c = time.process_time()
+            try:
+                return evaluate(self, *args, **kwargs)
+            finally:
+                eval_cpu[0] += time.process_time() - c
+
+        Evaluator.evaluate = timed_evaluate
     try:
         run_dir = tmp / "run"
+        c0 = time.process_time()
         t0 = time.perf_counter()
         if profile:
             import cProfile
@@ -147,6 +162,7 @@ def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = 
         else:
             final = train(cfg, run_dir, progress=False)
         call_seconds = time.perf_counter() - t0
+        learner_cpu = time.process_time() - c0 - eval_cpu[0]
         rows = _read_metrics(run_dir / "metrics.jsonl")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -168,7 +184,8 @@ def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = 
         "final_eval_std": float(final["eval_return_std"]),
     }
     if env == "breakout":
-        out.update(frames=4 * out["steps"], frames_per_second=4 * out["steps_per_second"])
+        out.update(frames=4 * out["steps"], frames_per_second=4 * out["steps_per_second"],
+                   learner_cpu_seconds=learner_cpu)  # this process only (set-up included); env workers excluded
     if timers is not None:
         out["breakdown"] = {k: {"seconds": v[0], "calls": v[1]} for k, v in timers.totals.items()}
     return out

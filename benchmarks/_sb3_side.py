@@ -145,13 +145,14 @@ def run_breakout(seed: int, steps: int) -> dict:
         clip_range_vf=0.1, ent_coef=0.01, vf_coef=0.25, max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95,
         seed=seed, verbose=0, device="cpu",
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.learn(steps)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     env.close()
     return {
         "steps": int(model.num_timesteps),
         "frames": 4 * int(model.num_timesteps),
+        "learner_cpu_seconds": cpu,  # this process only (policy + updates); the env workers are other processes
         "train_seconds": wall,
         "steps_per_second": model.num_timesteps / wall,
         "frames_per_second": 4 * model.num_timesteps / wall,

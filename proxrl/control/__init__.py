@@ -32,4 +32,8 @@ __all__ = list(_WHERE)
 def __getattr__(name: str) -> Any:
     if name not in _WHERE:
         raise AttributeError(f"module 'proxrl.control' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"proxrl.control.{_WHERE[name]}"), name)
+    value = getattr(importlib.import_module(f"proxrl.control.{_WHERE[name]}"), name)
+    # cache it: importing the submodule proxrl.control.train set the package attribute "train" to the MODULE,
+    # which `from proxrl.control import train` would otherwise return instead of the function
+    globals()[name] = value
+    return value
