@@ -199,9 +199,13 @@ def _generate(args: argparse.Namespace) -> None:
     from proxrl.lm.positions import left_pad
     from proxrl.lm.tokenization import load_tokenizer
 
+    from proxrl import distributed as D
+
     if args.threads < 1:
         raise UserError(f"--threads {args.threads} must be >= 1")
     torch.set_num_threads(args.threads)
+    device = D.resolve_device(args.device)
+    D.configure_device(device)
     tok = load_tokenizer(args.model_dir)
     template = resolve_chat_template(tok, args.chat_template)  # bad file / template: one line, before the model
     model = load_causal_lm(args.model_dir, trust_remote_code=args.trust_remote_code).eval()
@@ -222,9 +226,14 @@ def _generate(args: argparse.Namespace) -> None:
             f"model's context of {ctx} tokens; shorten the prompt or lower --max-new-tokens"
         )
     gen = torch.Generator().manual_seed(args.seed)
+    model, ids, mask = model.to(device), ids.to(device), mask.to(device)
+    # the seed's CPU stream on every device (one uniform per row and step)
+    uniforms = None if device.type == "cpu" else torch.rand(
+        (args.max_new_tokens, ids.shape[0]), generator=gen, dtype=torch.float64).to(device)
     out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   eos_token_id=end_of_turn_token_ids(tok, template) or None, generator=gen, tokenizer=tok)
+                   eos_token_id=end_of_turn_token_ids(tok, template) or None, generator=gen, tokenizer=tok,
+                   uniforms=uniforms)
     resp = out.sequences[:, out.prompt_len:]
     for p, ids, m in zip(prompts, resp, out.response_mask):
         text = tok.decode(ids[m.bool()], skip_special_tokens=True)
@@ -369,6 +378,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps "
+                        "(default: auto)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the directory (off by default)")
     p.add_argument("--chat-template", default="auto", metavar="auto|none|PATH.jinja",
                    help="render each prompt as a user message with the generation prompt and stop at the template's "

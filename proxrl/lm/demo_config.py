@@ -1,6 +1,7 @@
 """Options and sizes of ``proxrl demo`` (no torch import here: ``proxrl demo --help`` builds its flags from this)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,10 +21,13 @@ class DemoConfig:
     threads: int = opt(2, "torch CPU threads (0 = torch's default)")
     samples: int = opt(4, "before/after samples printed at the end")
     progress: bool = opt(True, "progress bars (shown on a terminal only)")
+    device: str = opt("auto", "where the SFT, reward-model and PPO stages train: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps (the before/after evaluation runs on the CPU)")
 
     def __post_init__(self) -> None:
         check(self.task in ("sentiment", "arithmetic"), f"task={self.task!r} must be 'sentiment' or 'arithmetic'")
         check(self.threads >= 0, f"threads={self.threads} must be >= 0")
+        check(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device.strip().lower())
+              is not None, f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
         check(self.samples >= 0, f"samples={self.samples} must be >= 0")
         check(self.run_dir is None or bool(self.run_dir), "run_dir is empty; give --run-dir DIR")
 

@@ -5,6 +5,7 @@ The logic lives in :mod:`proxrl.lm.heldout`; ``proxrl evaluate --help`` builds i
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from proxrl.config import check, opt
@@ -39,6 +40,7 @@ class EvaluateConfig:
     out: str = opt("runs/evaluate", "directory for report.json, rewards.png, samples.md and completions.jsonl (files there of the same names are replaced)")
     sample_rows: int = opt(8, "rows of the side-by-side table in samples.md")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
+    device: str = opt("auto", "where the models run: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps")
     trust_remote_code: bool = opt(False, "allow model code shipped in a model directory (off: only built-in architectures)")
 
     def __post_init__(self) -> None:
@@ -53,6 +55,8 @@ class EvaluateConfig:
         check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         check(self.sample_rows >= 0, f"sample_rows={self.sample_rows} must be >= 0")
         check(self.threads >= 0, f"threads={self.threads} must be >= 0")
+        check(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device.strip().lower())
+              is not None, f"device={self.device!r} must be auto, cpu, cuda, cuda:N or mps")
         check(self.reward_timeout > 0 and math.isfinite(self.reward_timeout),
               f"reward_timeout={self.reward_timeout} must be > 0 seconds")
         check(bool(self.out), "out is empty; give --out DIR")

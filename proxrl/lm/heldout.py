@@ -31,20 +31,28 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from proxrl import distributed as D
 from proxrl.core import kl_estimate
 from proxrl.errors import UserError
 from proxrl.lm.chat import Prompt, end_of_turn_token_ids, is_conversational, require_template, resolve_chat_template
 from proxrl.lm.evaluate_config import EvaluateConfig
 from proxrl.lm.evaluation import diversity
 from proxrl.lm.generation import generate
-from proxrl.lm.heads import PolicyWithValueHead, unwrap_model
+from proxrl.lm.heads import PolicyWithValueHead, model_device, unwrap_model
 from proxrl.lm.loading import load_causal_lm
 from proxrl.lm.logprobs import response_forward
 from proxrl.lm.positions import left_pad
 from proxrl.lm.prompts import load_prompts, prompt_texts, tokenize_prompts
 from proxrl.lm.reference import reference_context
 from proxrl.lm.rewards import load_reward_fn
-from proxrl.lm.scoring import REWARD_MODEL_NAME, ScoreFn, Scorer, reward_fn_component, reward_model_component
+from proxrl.lm.scoring import (
+    REWARD_MODEL_NAME,
+    ScoreFn,
+    Scorer,
+    move_scorer,
+    reward_fn_component,
+    reward_model_component,
+)
 from proxrl.lm.tokenization import check_tokenizer_fits, load_tokenizer
 from proxrl.runs import atomic_write
 
@@ -113,22 +121,27 @@ def sample_side(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
         is_reference: ``model`` is itself a reference: sampled inside ``reference_context``.
     """
     gen = torch.Generator().manual_seed(int(seed))
+    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lp_temp = temperature if temperature > 0 else 1.0
     completions: list[str] = []
     scores, lengths, finished, k1s, k3s = [], [], [], [], []
     for start in range(0, len(prompt_ids), batch_size):
         ids, mask = left_pad(list(prompt_ids[start:start + batch_size]), pad if pad is not None else 0)
+        ids, mask = ids.to(device), mask.to(device)
+        # on an accelerator the uniforms come from the same CPU generator, drawn for the batch at once
+        uniforms = None if device.type == "cpu" else torch.rand(
+            (max_new_tokens, ids.shape[0]), generator=gen, dtype=torch.float64).to(device)
         texts = list(prompts[start:start + batch_size])
         if is_reference:
             with reference_context(model) as ref:
                 g = generate(ref, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                              eos_token_id=eos_token_id, stop_strings=tuple(stop_strings), tokenizer=tokenizer,
-                             generator=gen)
+                             generator=gen, uniforms=uniforms)
         else:
             g = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                          eos_token_id=eos_token_id, stop_strings=tuple(stop_strings), tokenizer=tokenizer,
-                         generator=gen)
+                         generator=gen, uniforms=uniforms)
         seqs, attn, p = g.sequences.clone(), g.attention_mask.long().clone(), int(g.prompt_len)
         rmask = g.response_mask.float().clone()
         comps = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
@@ -302,6 +315,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = D.resolve_device(cfg.device)
+    D.configure_device(device)
     policy_dir = _model_dir(cfg.policy, "--policy", "policy", "a PPO run's RUN_DIR/policy")
     ref_dir = _model_dir(cfg.reference, "--reference", "reference", "the SFT model PPO started from") \
         if cfg.reference else None
@@ -324,11 +339,16 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         # the KL compares token distributions: the reference must read the policy's token ids
         check_tokenizer_fits(reference, tok, ref_dir, what="reference")
         _check_context(reference, ids, cfg.max_new_tokens, "reference")
+    policy.to(device)
+    if reference is not None:
+        reference.to(device)
+    move_scorer(scorer, device)
     result = evaluate_policy(policy, reference, tok, prompts, scorer, template=template,
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                              batch_size=cfg.batch_size, max_prompt_length=cfg.max_prompt_length,
                              stop_strings=cfg.stop_string_list)
-    report = {"metrics": result["metrics"], "settings": result["settings"], "policy": str(cfg.policy),
+    report = {"metrics": result["metrics"], "settings": {**result["settings"], "device": str(device)},
+              "policy": str(cfg.policy),
               "reference": cfg.reference, "prompts": cfg.prompts,
               "scorer": cfg.reward_fn if cfg.reward_fn else f"reward model {cfg.reward_model}"}
     return write_report(cfg.out, report, result["samples"], sample_rows=cfg.sample_rows)

@@ -104,18 +104,19 @@ def synthesize_pairs(model: Any, tokenizer: Any, prompts: Sequence[str], score: 
     return pairs
 
 
-def _sft(sizes: DemoSizes, out: Path, data: Path, seed: int, progress: bool) -> dict[str, Any]:
+def _sft(sizes: DemoSizes, out: Path, data: Path, seed: int, progress: bool, device: str = "cpu") -> dict[str, Any]:
     """SFT of a tiny GPT-2 from scratch on ``data`` with the tokenizer in ``out/tokenizer``, into ``out/sft``."""
     return train_sft(SFTConfig(
         data=str(data), model="tiny-gpt2", tokenizer=str(out / "tokenizer"), run_dir=str(out / "sft"),
         n_layer=sizes.n_layer, n_embd=sizes.n_embd, n_head=sizes.n_head, n_positions=sizes.n_positions,
         max_length=sizes.max_length, max_steps=sizes.sft_steps, batch_size=sizes.sft_batch,
-        learning_rate=sizes.sft_lr, eval_every=max(1, sizes.sft_steps // 4), seed=seed, progress=progress),
+        learning_rate=sizes.sft_lr, eval_every=max(1, sizes.sft_steps // 4), seed=seed, progress=progress,
+        device=device),
         progress=progress)
 
 
 def _ppo(sizes: DemoSizes, out: Path, seed: int, prompts: list[str], progress: bool, threads: int,
-         reward_model: str | None = None, reward_fn: str | None = None) -> dict[str, float]:
+         reward_model: str | None = None, reward_fn: str | None = None, device: str = "cpu") -> dict[str, float]:
     cfg = PPOConfig(policy=str(out / "sft"), reward_model=reward_model, reward_fn=reward_fn,
                     run_dir=str(out / "ppo"), seed=seed, total_updates=sizes.ppo_updates,
                     rollout_size=sizes.ppo_rollout, minibatch_size=sizes.ppo_minibatch, epochs=sizes.ppo_epochs,
@@ -123,7 +124,7 @@ def _ppo(sizes: DemoSizes, out: Path, seed: int, prompts: list[str], progress: b
                     kl_target=sizes.kl_target, kl_horizon=sizes.kl_horizon, entropy_coef=sizes.entropy_coef,
                     max_new_tokens=sizes.max_new_tokens,
                     temperature=sizes.temperature, max_prompt_length=sizes.max_length,
-                    sample_every=0, checkpoint_every=0, threads=threads)
+                    sample_every=0, checkpoint_every=0, threads=threads, device=device)
     return train_ppo(cfg, prompts, progress=progress)
 
 
@@ -197,7 +198,7 @@ def _run_sentiment(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer) 
               f"prompts, BPE vocabulary {sizes.vocab_size}")
 
     with timer.stage("SFT (tiny GPT-2 trained from scratch)"):
-        sft = _sft(sizes, out, out / "data" / "sft_train.txt", seed, cfg.progress)
+        sft = _sft(sizes, out, out / "data" / "sft_train.txt", seed, cfg.progress, cfg.device)
 
     with timer.stage("preference pairs (SFT samples labelled by VADER)"):
         sft_model, tok = _load(out / "sft")
@@ -217,12 +218,14 @@ def _run_sentiment(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer) 
         rm = train_reward_model(RewardModelConfig(
             data=str(out / "data" / "pairs.jsonl"), model=str(out / "sft"), run_dir=str(out / "reward_model"),
             max_length=sizes.max_length + sizes.max_new_tokens, epochs=sizes.rm_epochs, batch_size=sizes.rm_batch,
-            learning_rate=sizes.rm_lr, eval_fraction=0.15, eval_every=50, seed=seed, progress=cfg.progress),
+            learning_rate=sizes.rm_lr, eval_fraction=0.15, eval_every=50, seed=seed, progress=cfg.progress,
+            device=cfg.device),
             progress=cfg.progress)
 
     with timer.stage("PPO against the reward model"):
         ppo_prompts = train_prompts[sizes.pair_prompts:] or train_prompts
-        ppo = _ppo(sizes, out, seed, ppo_prompts, cfg.progress, cfg.threads, reward_model=str(out / "reward_model"))
+        ppo = _ppo(sizes, out, seed, ppo_prompts, cfg.progress, cfg.threads, reward_model=str(out / "reward_model"),
+                   device=cfg.device)
 
     with timer.stage("evaluation on held-out prompts"):
         policy, _ = _load(out / "ppo" / "policy")
@@ -266,12 +269,12 @@ def _run_arithmetic(cfg: DemoConfig, sizes: DemoSizes, out: Path, timer: _Timer)
               f"(PPO's exact-match checker has to fix that)")
 
     with timer.stage("SFT (tiny GPT-2 trained from scratch, stopped early)"):
-        sft = _sft(sizes, out, out / "data" / "sft_train.jsonl", seed, cfg.progress)
+        sft = _sft(sizes, out, out / "data" / "sft_train.jsonl", seed, cfg.progress, cfg.device)
 
     with timer.stage("PPO with the exact-match reward"):
         ppo_prompts = [arithmetic.format_prompt(a, b) for a, b in ppo_pairs]
         ppo = _ppo(sizes, out, seed, ppo_prompts, cfg.progress, cfg.threads,
-                   reward_fn="proxrl.lm.tasks.arithmetic:reward_fn")
+                   reward_fn="proxrl.lm.tasks.arithmetic:reward_fn", device=cfg.device)
 
     with timer.stage("evaluation on held-out problems"):
         ref, tok = _load(out / "sft")

@@ -51,7 +51,7 @@ from proxrl.lm.prompts import PROMPTS_FILE, keep_prompts, load_prompts, prompt_t
 from proxrl.lm.ptx import PtxBatches
 from proxrl.lm.reference import reference_from_policy
 from proxrl.lm.rollout import ModelSet, Rollout, collect_rollout
-from proxrl.lm.scoring import make_scorer
+from proxrl.lm.scoring import make_scorer, move_scorer
 from proxrl.lm.tokenization import check_tokenizer_fits, load_tokenizer
 from proxrl.lm.train_state import load_train_state, resume_checkpoint, save_train_state
 from proxrl.runs import (
@@ -302,7 +302,7 @@ class PPOTrainer:
             raise UserError(f"prompts of up to {longest} tokens + max_new_tokens {cfg.max_new_tokens} exceed the "
                             f"policy's context of {ctx} tokens; lower --max-prompt-length or --max-new-tokens")
         self.score_fn = make_scorer(cfg, self.tokenizer, reward_fn, self.template)
-        _scorers_to(self.score_fn, self.device)
+        move_scorer(self.score_fn, self.device)  # reward models: a whole copy per process
         self.models = self._place_models(self.models)  # on the device; DDP-wrapped / FSDP-sharded under torchrun
         self.eval_cache: dict = {}
         self.ptx = self._ptx_batches() if cfg.ptx_coef > 0 else None
@@ -496,15 +496,6 @@ def _reshard(models: ModelSet) -> None:
     for m in (models.policy, models.critic):
         if m is not None and hasattr(m, "reshard"):
             m.reshard()
-
-
-def _scorers_to(score_fn: Callable, device: torch.device) -> None:
-    """Move the reward models of a :class:`~proxrl.lm.scoring.Scorer` to ``device`` (each process holds a whole
-    copy); reward functions are unaffected (they get strings)."""
-    for _, _, fn in getattr(score_fn, "components", ()):
-        scorer = getattr(fn, "scorer", None)
-        if scorer is not None and getattr(scorer, "model", None) is not None:
-            scorer.model.to(device)
 
 
 def _enable_checkpointing(model: nn.Module) -> None:

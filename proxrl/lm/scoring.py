@@ -169,6 +169,15 @@ def reward_model_scorer(model_dir: str, tokenizer: Any, bf16: bool = False, trus
         trust_remote_code=trust_remote_code))])
 
 
+def move_scorer(score_fn: Any, device: Any) -> None:
+    """Move the reward models inside a :class:`Scorer` to ``device`` (reward functions are unaffected: they get
+    strings). Under torchrun every process holds a whole copy of each reward model (replicated, not sharded)."""
+    for _, _, fn in getattr(score_fn, "components", ()):
+        scorer = getattr(fn, "scorer", None)
+        if scorer is not None and getattr(scorer, "model", None) is not None:
+            scorer.model.to(device)
+
+
 def make_scorer(cfg: PPOConfig, tokenizer: Any, reward_fn: Callable | Sequence[Callable] | None = None,
                 template: str | None = None) -> Scorer:
     """The scorer of a PPO run: the reward functions (``reward_fn`` if given: a callable or a list of them, else
