@@ -134,7 +134,8 @@ def test_chat_prompts_are_rendered_without_a_second_bos(tmp_path):
     # without a template: plain text as before, BOS from the tokenizer, messages joined
     assert tokenize_prompts(tok, ["hi", CONV[1]], 64) == [tok("hi")["input_ids"], tok("a dog")["input_ids"]]
     # a string prompt rendered in advance is refused with a template (it would be wrapped twice)
-    with pytest.raises(UserError, match="already holds the chat template's '<\\|im_(start|end)\\|>'.*--chat-template none"):
+    rendered = "already holds the chat template's '<\\|im_(start|end)\\|>'.*--chat-template none"
+    with pytest.raises(UserError, match=rendered):
         tokenize_prompts(tok, [render_prompt(tok, CHATML, "hi")], 64, CHATML)
 
 
@@ -301,9 +302,8 @@ def test_combined_rewards_are_weighted_and_logged_by_name(plain_dir, tmp_path, c
 
 
 def _ptx_files(tmp_path: Path) -> tuple[Path, list[str]]:
-    train, held = PTX_TEXT[:-4], PTX_TEXT[-4:]
     f = tmp_path / "ptx.txt"
-    f.write_text("\n".join(train) + "\n")
+    f.write_text("\n".join(PTX_TEXT) + "\n")
     return f, ["the dog sat on the red bed.", "we see the cat and the hat on the mat.", "a ball is in the sea."]
 
 
@@ -324,7 +324,8 @@ def test_ptx_keeps_held_out_perplexity_lower(plain_dir, tmp_path):
     rows = read_metrics(tmp_path / "ptx")
     assert all(math.isfinite(r["ptx_loss"]) for r in rows) and rows[-1]["ptx_loss"] < rows[0]["ptx_loss"]
     assert "ptx_loss" not in read_metrics(tmp_path / "no_ptx")[0]
-    with_ptx, without = _held_out_nll(tmp_path / "ptx" / "policy", held), _held_out_nll(tmp_path / "no_ptx" / "policy", held)
+    with_ptx = _held_out_nll(tmp_path / "ptx" / "policy", held)
+    without = _held_out_nll(tmp_path / "no_ptx" / "policy", held)
     before = _held_out_nll(plain_dir, held)
     assert with_ptx < without - 0.1 and with_ptx < before, (with_ptx, without, before)
 
