@@ -18,9 +18,10 @@ process, split N ways. The figures are read from rank 0's ``metrics.jsonl``, who
 Wall seconds of the whole command (start-up included) are reported beside them. Issue 7's target on a
 2-core machine: >= 1.6x for both at N = 2.
 
-The trainers support torchrun once they have ``--device`` (issue 7's integration); before that the script
-refuses to launch several processes (they would be independent runs fighting over one run directory) unless
-``--force``.
+LM processes split the rollout (64 x 32 tokens) and each minibatch of 16 in halves, train with DDP and reduce the
+whole-batch statistics; each samples its rows with the whole rollout's uniforms, so the N = 2 run samples the very
+completions of the N = 1 run and the tokens/s compare like for like. A checkout whose CLI lacks ``--device`` cannot
+run under torchrun; the script then measures N = 1 only (``--force`` launches anyway).
 
 Usage:
     python benchmarks/scale_bench.py                                # both, N = 1 and 2

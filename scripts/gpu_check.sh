@@ -14,9 +14,10 @@
 #      Issue 7's targets: proxrl_fast >= 2x TRL's tokens/s, peak GPU memory <= 0.7x TRL's.
 #   3. with 2+ GPUs: proxrl_fast under `torchrun --standalone --nproc_per_node 2` (global batch unchanged).
 #
-# NOTE: the proxrl sides are written against the trainer integration of issue 7, i.e.
-#   `proxrl ppo --device cuda --bf16 true` (and torchrun support). Until the LM trainer has `--device`, they
-#   are skipped with a message (running them would silently measure the CPU); steps 1 and the TRL side run.
+# The proxrl sides run `proxrl ppo --device cuda` (TF32 matmuls; `--bf16 true` = bf16 autocast of every forward,
+#   weights and AdamW state fp32) in-process, so the CUDA allocator's peak is the run's own; under torchrun each
+#   process takes cuda:LOCAL_RANK and the global batch (64 prompts, minibatch 16) is split over the GPUs. A CLI
+#   without --device (an old checkout) makes the script skip them rather than silently measure the CPU.
 #
 # Usage, in the repository root of the GPU machine:  bash scripts/gpu_check.sh [RESULTS_DIR]
 #   env: PYTHON (default python3), UPDATES (updates per run incl. 1 warm-up, default 5), SKIP_TRL=1,
@@ -152,7 +153,7 @@ if [ "$HAS_DEVICE" = 1 ] || [ "$DEVICE" = cpu ]; then
     run_proxrl proxrl "" --bf16 false --value-head-on-policy false
     run_proxrl proxrl_fast "" --bf16 true --value-head-on-policy true
 else
-    say "SKIPPED proxrl sides: 'proxrl ppo' has no --device option yet (issue 7 integration pending)"
+    say "SKIPPED proxrl sides: this checkout's 'proxrl ppo' has no --device option"
 fi
 
 if [ "${SKIP_TRL:-0}" != 1 ]; then
