@@ -51,7 +51,12 @@ def _train(args: argparse.Namespace) -> None:
 
     # Under torchrun every process runs this; a failing one reports once and ends the job (no-op alone).
     with D.fail_fast(_debug(args)):
-        _train_control(args)
+        try:
+            _train_control(args)
+        except UserError as e:
+            if D.dist_info().world_size > 1 and not D.is_main() and not D.is_distributed():
+                raise SystemExit(e.exit_code) from None  # bad input before the process group: rank 0 reports it
+            raise
     D.shutdown()
 
 
@@ -337,7 +342,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the evaluation envs, in [0, 2**63) (default: the run's own evaluation seed, so "
                         "the evaluation logged at the last checkpoint is reproduced)")
-    p.add_argument("--device", default="cpu", help="where the policy acts: auto, cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument("--device", default="auto",
+                   help="where the policy acts: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps "
+                        "(default: auto)")
     p.add_argument("--video", action="store_true",
                    help="also record greedy episodes as videos in RUN_DIR/videos (MP4 with moviepy, else GIF)")
     p.add_argument("--video-episodes", type=int, default=1, help="episodes to record with --video (default: 1)")
