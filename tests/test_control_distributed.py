@@ -79,17 +79,18 @@ def test_two_processes_compute_what_one_computes(tmp_path):
 
 def test_resume_with_another_number_of_processes(tmp_path):
     """Saved with 2 processes, resumed with 1, and saved with 1, resumed with 2: the uninterrupted run's weights."""
-    full = tmp_path / "full"
-    assert _proxrl(1, "train", *PENDULUM, "--run-dir", full).returncode == 0
-    for name, n in (("to1", 1), ("to2", 2)):
-        cut = tmp_path / name
+    for saved_n, resumed_n in ((2, 1), (1, 2)):
+        full, cut = tmp_path / f"full{saved_n}", tmp_path / f"cut{saved_n}to{resumed_n}"
+        r = _proxrl(saved_n, "train", *PENDULUM, "--run-dir", full)
+        assert r.returncode == 0, r.stderr
         shutil.copytree(full, cut)
         for extra in list_checkpoints(cut)[1:]:  # "crash" after the first checkpoint
             shutil.rmtree(extra)
-        r = _proxrl(n, "train", "--resume", cut, "--no-progress")
+        r = _proxrl(resumed_n, "train", "--resume", cut, "--no-progress")
         assert r.returncode == 0, r.stderr
         _assert_close(_final(full), _final(cut))
         assert [row["global_step"] for row in read_metrics(cut)] == [256, 512, 768]
+        assert f"processes: {resumed_n}" in (cut / "config.yaml").read_text()
 
 
 ENV_MODULE = '''

@@ -9,7 +9,7 @@ The first episode is reset with ``seed`` and later ones continue the env's RNG, 
 give the same videos. Atari ids are built with :func:`proxrl.control.atari.make_atari_env` in evaluation mode
 (whole games, raw rewards) and recorded at 60 / frame_skip frames per second, i.e. in real time. MuJoCo
 envs render with OpenGL: without an X display ``MUJOCO_GL`` defaults to ``egl`` here (off-screen; set it to
-``osmesa`` for software rendering).
+``osmesa`` for software rendering), and pygame's ``SDL_VIDEODRIVER`` to ``dummy``.
 """
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ def greedy_policy_fn(policy: Any, obs_transform: Callable[[np.ndarray], np.ndarr
 
 def _make_env(env_id: str, env_fn: Callable[[], gym.Env] | None) -> tuple[gym.Env, int | None]:
     """An ``rgb_array`` env for ``env_id`` (or from ``env_fn``) and its real-time fps (None = the env's metadata)."""
+    if not os.environ.get("DISPLAY"):
+        # pygame (classic control) renders off-screen; SDL's default video driver would print
+        # "error: XDG_RUNTIME_DIR is invalid ..." at exit on a headless machine
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     if env_fn is not None:
         env = env_fn()
         if env.render_mode != "rgb_array":
