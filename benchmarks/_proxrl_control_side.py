@@ -79,10 +79,10 @@ def _install_breakdown() -> _Timers:
     """Wrap the stages of proxrl's training loop with timers (by name, skipping any that do not exist)."""
     import importlib
 
-    def mod(name: str):  # importlib: ``proxrl.control.train`` the attribute is the function, not the module
+    def mod(name: str):
         return importlib.import_module(f"proxrl.control.{name}")
 
-    ppo_mod, train_mod, adam, policy = mod("ppo"), mod("train"), mod("adam"), mod("policy")
+    ppo_mod, train_mod, adam, policy = mod("ppo"), mod("trainer"), mod("adam"), mod("policy")
     rollout, running_stats, Evaluator = mod("rollout"), mod("running_stats"), mod("evaluate").Evaluator
 
     timers = _Timers()

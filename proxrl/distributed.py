@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from proxrl.core.losses import explained_variance as core_explained_variance
 from proxrl.errors import UserError
 
 __all__ = [
@@ -521,15 +522,7 @@ def global_normalize(x: Tensor, mask: Tensor | None = None, eps: float = 1e-8, s
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor | None = None) -> float:
     """``1 - Var[R - V] / Var[R]`` over the entries of every rank, as :func:`proxrl.core.explained_variance`
     of the concatenation (biased variances, float64; NaN when ``Var[R] == 0``)."""
-    if values.shape != returns.shape:
-        raise ValueError(f"shape mismatch: values{tuple(values.shape)}, returns{tuple(returns.shape)}")
-    with torch.no_grad():
-        v = values.detach().to(torch.float64)
-        r = returns.detach().to(torch.float64)
-        var_r = float(masked_var(r, mask, unbiased=False))
-        if var_r == 0.0 or math.isnan(var_r):
-            return float("nan")
-        return 1.0 - float(masked_var(r - v, mask, unbiased=False)) / var_r
+    return core_explained_variance(values, returns, mask, var_fn=masked_var)
 
 
 def mean_over_ranks(metrics: Mapping[str, float], weight: float = 1.0) -> dict[str, float]:

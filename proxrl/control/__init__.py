@@ -21,7 +21,7 @@ _WHERE = {
     "Sizes": "config",
     "sizes": "config",
     "PRESETS": "presets",
-    "train": "train",
+    "train": "trainer",
     "evaluate_run": "evaluate",
     "plot_run": "plots",
 }
@@ -33,7 +33,5 @@ def __getattr__(name: str) -> Any:
     if name not in _WHERE:
         raise AttributeError(f"module 'proxrl.control' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"proxrl.control.{_WHERE[name]}"), name)
-    # cache it: importing the submodule proxrl.control.train set the package attribute "train" to the MODULE,
-    # which `from proxrl.control import train` would otherwise return instead of the function
-    globals()[name] = value
+    globals()[name] = value  # resolved once (no module of this package is named like a public function)
     return value

@@ -7,7 +7,7 @@ State (``state.json``): counters (``global_step``, ``update``, ``env_epoch``, ``
 sampling and minibatch generators' states, the scalar RNG parts, the space summary and the config.
 
 Environment state is *not* stored: envs are re-seeded deterministically at every checkpoint boundary
-(see :mod:`proxrl.control.train`), which makes resuming exact for any Gymnasium env.
+(see :mod:`proxrl.control.trainer`), which makes resuming exact for any Gymnasium env.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ The full PPO objective (eq. 9) is maximised; as a loss to minimise it reads
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -141,7 +142,8 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(p * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(dim=-1)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor | None = None) -> float:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor | None = None,
+                       var_fn: Callable[..., Tensor] = masked_var) -> float:
     """Explained variance of the value predictions: ``1 - Var[R - V] / Var[R]``.
 
     1 = perfect predictions, 0 = no better than predicting the mean return, < 0 = worse than that.
@@ -150,6 +152,8 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor | None = No
 
     Args:
         values: (*S) predictions V(s_t). returns: (*S) targets. mask: optional (*S)-broadcastable mask.
+        var_fn: the masked variance ``var_fn(x, mask, unbiased=False)``; :func:`proxrl.distributed.masked_var`
+            makes this the explained variance over all processes' data.
 
     Returns:
         A Python float.
@@ -160,10 +164,10 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor | None = No
     with torch.no_grad():
         v = values.detach().to(torch.float64)
         r = returns.detach().to(torch.float64)
-        var_r = float(masked_var(r, mask, unbiased=False))
+        var_r = float(var_fn(r, mask, unbiased=False))
         if var_r == 0.0 or math.isnan(var_r):
             return float("nan")
-        return 1.0 - float(masked_var(r - v, mask, unbiased=False)) / var_r
+        return 1.0 - float(var_fn(r - v, mask, unbiased=False)) / var_r
 
 
 def kl_early_stop(approx_kl: float, target_kl: float | None) -> bool:
