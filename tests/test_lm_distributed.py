@@ -166,14 +166,31 @@ def test_ppo_gae_two_processes_equal_one_and_resume_with_one(work, gae_reference
 
 
 @pytest.mark.distributed
-def test_ppo_grpo_two_processes_equal_one(work):
-    kw = dict(advantage_estimator="grpo", group_size=2, rollout_size=4, total_updates=2)
+def test_ppo_grpo_with_lora_two_processes_equal_one(work):
+    """GRPO (whole groups on one rank) with LoRA: 2 processes train the adapters as 1 does; only the adapters
+    change (and only they have AdamW state), the base weights in the checkpoint are the initial ones."""
+    kw = dict(advantage_estimator="grpo", group_size=2, rollout_size=4, total_updates=2, lora_r=4,
+              learning_rate=1e-2)
     _run1(_ppo_flags(work, work / "ref_grpo", **kw))
     _ok(_torchrun(_ppo_flags(work, work / "ddp_grpo", **kw)))
     assert not (work / "ddp_grpo" / "critic").exists()
-    assert _gap(_weights(work / "ddp_grpo" / "policy"), _weights(work / "ref_grpo" / "policy")) < ATOL
+    merged = _weights(work / "ddp_grpo" / "policy")
+    assert _gap(merged, _weights(work / "ref_grpo" / "policy")) < ATOL
+    assert _moved(merged, _weights(work / "policy")) > 10 * ATOL
     for a, b in zip(read_metrics(work / "ref_grpo"), read_metrics(work / "ddp_grpo")):
         assert b["reward"] == pytest.approx(a["reward"]) and b["ref_kl"] == pytest.approx(a["ref_kl"], abs=1e-6)
+    tensors, state = load_checkpoint(work / "ddp_grpo" / "checkpoints" / "step_000000002")
+    init = _weights(work / "policy")
+    base = {k: v for k, v in tensors.items() if k.startswith("model.policy.") and "lora_" not in k}
+    compared = 0
+    for key, value in base.items():  # model.policy.base_model.model.<name>[.base_layer].weight
+        name = key.removeprefix("model.policy.base_model.model.").replace(".base_layer", "")
+        if name in init:
+            assert torch.equal(value, init[name]), name
+            compared += 1
+    assert compared >= len(init) - 1  # every base weight (the tied lm_head is saved once)
+    n_lora = sum(1 for k in tensors if k.startswith("model.policy.") and "lora_" in k)
+    assert n_lora > 0 and len({k.split(".")[1] for k in tensors if k.startswith("optim.")}) == n_lora
 
 
 @pytest.mark.distributed
@@ -291,10 +308,10 @@ def _rm_flags(work: Path, run: Path, **kw) -> list[str]:
 
 @pytest.mark.distributed
 def test_reward_model_two_processes_equal_one_and_resume_with_one(work):
-    """2 processes for 6 steps (a checkpoint at step 3) equal 1 process; then ONE process resumes the 2-process run
-    from its step-3 checkpoint and ends with the same weights again."""
+    """2 FSDP2 processes for 6 steps (a checkpoint at step 3, gathered from the shards) equal 1 process; then ONE
+    process without FSDP resumes the 2-process run from its step-3 checkpoint and ends with the same weights."""
     _run1(_rm_flags(work, work / "rm1"))
-    _ok(_torchrun(_rm_flags(work, work / "rm2")))
+    _ok(_torchrun(_rm_flags(work, work / "rm2", fsdp="true")))
     a, b = _weights(work / "rm1"), _weights(work / "rm2")
     assert _gap(a, b) < ATOL
     ra, rb = read_metrics(work / "rm1"), read_metrics(work / "rm2")
@@ -306,7 +323,7 @@ def test_reward_model_two_processes_equal_one_and_resume_with_one(work):
     tensors, _ = load_checkpoint(work / "rm2" / "checkpoints" / "step_000000003")
     assert _moved({k: v for k, v in tensors.items() if k.startswith("model.")},
                   {f"model.{k}": v for k, v in b.items()}) > 10 * ATOL
-    _run1(["reward-model", "--resume", str(work / "rm2")])  # steps 4..6 again, with one process
+    _run1(["reward-model", "--resume", str(work / "rm2"), "--fsdp", "false"])  # steps 4..6 again, one process
     assert _gap(_weights(work / "rm2"), a) < ATOL
 
 
