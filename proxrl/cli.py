@@ -372,8 +372,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                    help="continue RUN_DIR (this directory, wherever the run was moved) from its last checkpoint with "
                         "its saved config; only --total-updates (not below the updates done), --checkpoint-every, "
                         "--keep-checkpoints, --sample-every, --sample-rows, --plot, --threads, --reward-timeout, "
-                        "--eval-prompts, --eval-every, --eval-num-prompts, --forward-batch-size and "
-                        "--gradient-checkpointing may change")
+                        "--eval-prompts, --eval-every, --eval-num-prompts, --forward-batch-size, "
+                        "--gradient-checkpointing, --device and --fsdp may change (and the number of torchrun "
+                        "processes)")
     _repeatable(p, "--reward-fn")
 
     p = add("generate", _generate, "Sample completions from a saved causal LM directory.", config_flag=False)
