@@ -29,6 +29,10 @@ from proxrl.errors import UserError
 
 T = TypeVar("T")
 
+RUN_INFO_KEY = "run_info"
+"""A run's ``config.yaml`` also holds this section (device, processes, env preprocessing of the latest session):
+information about the run, not an option; :func:`from_dict` and :func:`given_options` skip it."""
+
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a default and the help text ``--help`` prints for it."""
@@ -145,6 +149,8 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name == RUN_INFO_KEY:
+            continue
         if name not in names and name in renamed:
             raise UserError(f"{source}: option {name!r} was renamed to {renamed[name]!r}; use {renamed[name]!r} "
                             f"(flag {_flag(renamed[name])})")
@@ -198,7 +204,7 @@ def given_options(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {}
     cfg_file = getattr(args, "config", None)
     if cfg_file:
-        values.update({str(k).replace("-", "_"): v for k, v in load_yaml(cfg_file).items()})
+        values.update({str(k).replace("-", "_"): v for k, v in load_yaml(cfg_file).items() if k != RUN_INFO_KEY})
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return values

@@ -117,3 +117,13 @@ def test_binary_config_file_is_one_line_error(tmp_path):
     f.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(UserError, match="not a UTF-8 text file"):
         C.load_yaml(f)
+
+
+def test_run_info_section_of_a_run_config_is_not_an_option(tmp_path):
+    f = tmp_path / "config.yaml"
+    f.write_text("learning_rate: 0.01\nrun_info:\n  device: cpu\n  processes: 2\n")
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    C.add_dataclass_args(p, Toy)
+    assert C.build(Toy, p.parse_args(["--config", str(f)])).learning_rate == 0.01
+    assert C.from_dict(Toy, {"run_info": {"device": "cpu"}, "epochs": 2}).epochs == 2

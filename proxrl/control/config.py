@@ -15,14 +15,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from proxrl.config import check, opt
+from proxrl.config import RUN_INFO_KEY, check, opt
 from proxrl.errors import UserError
 
 __all__ = ["ControlConfig", "Sizes", "sizes", "check_env_id", "parse_hidden_sizes", "RUN_INFO_KEY", "config_values"]
 
 #: Key of config.yaml's section that describes the run rather than configures it (the device and number of
 #: processes of the latest session, the Atari preprocessing); readers drop it (:func:`config_values`).
-RUN_INFO_KEY = "run_info"
 
 
 def config_values(saved: dict[str, Any]) -> dict[str, Any]:

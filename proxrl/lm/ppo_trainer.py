@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from proxrl import distributed as D
-from proxrl.config import to_dict
+from proxrl.config import RUN_INFO_KEY, to_dict
 from proxrl.core import AdaptiveKLController, FixedKLController
 from proxrl.errors import UserError
 from proxrl.lm.builders import scalar_model_from_causal
@@ -73,7 +73,6 @@ RUN_OUTPUTS = (SAMPLES_FILE, PROMPTS_FILE)
 # what a PPO checkpoint's train-state "loop" must hold (train_state checks its own keys)
 LOOP_KEYS = ("kl_controller", "sample_gen")
 # config.yaml's section describing where the latest session ran (device, processes); not an option
-RUN_INFO_KEY = "run_info"
 
 
 def train_ppo(cfg: PPOConfig, prompts: Sequence[str] | None = None, *, reward_fn: Callable | None = None,

@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import torch
 
 from proxrl import distributed as D
-from proxrl.config import resume_config, to_dict
+from proxrl.config import RUN_INFO_KEY, resume_config, to_dict
 from proxrl.errors import UserError
 from proxrl.lm.heads import model_device
 from proxrl.lm.loading import save_model_and_tokenizer, unsharded_copy
@@ -54,7 +54,6 @@ __all__ = ["StepResult", "Prepared", "LoopResult", "train_supervised", "load_run
            "lr_lambda", "make_optimizer", "write_result", "RUN_INFO_KEY"]
 
 #: config.yaml's section describing where the latest session ran (device, processes); not an option
-RUN_INFO_KEY = "run_info"
 
 Config = TypeVar("Config", SFTConfig, RewardModelConfig)
 
