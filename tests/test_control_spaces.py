@@ -23,19 +23,11 @@ from proxrl.control.rollout import Collector, uses_numpy_rollout
 from proxrl.control.running_stats import ObsNormalizer, RewardScaler
 from proxrl.errors import UserError
 from proxrl.runs import latest_checkpoint, list_checkpoints, load_checkpoint, read_metrics, save_checkpoint
+from checkpoint_compare import assert_bitwise_equal, final_tensors
 
 QUIET = {"tensorboard": False, "eval_every": 0}
 
 
-def _final(run_dir):
-    tensors, state = load_checkpoint(latest_checkpoint(run_dir))
-    return {k: v for k, v in tensors.items() if not k.startswith("rng.")}, state
-
-
-def _assert_bitwise_equal(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
 def _interrupted_equals_uninterrupted(cfg: ControlConfig, tmp_path, env_fn=None):
@@ -48,8 +40,8 @@ def _interrupted_equals_uninterrupted(cfg: ControlConfig, tmp_path, env_fn=None)
     for extra in ckpts[1:]:  # "crash" after the first checkpoint
         shutil.rmtree(extra)
     train(cfg, cut, resume=True, progress=False, env_fn=env_fn)
-    (ta, sa), (tb, sb) = _final(full), _final(cut)
-    _assert_bitwise_equal(ta, tb)
+    (ta, sa), (tb, sb) = final_tensors(full), final_tensors(cut)
+    assert_bitwise_equal(ta, tb)
     assert sa["action_rng"] == sb["action_rng"] and sa["generator"] == sb["generator"]
     return last
 
@@ -86,7 +78,7 @@ def test_halfcheetah_normalisation_saved_in_checkpoints_and_used_by_eval(tmp_pat
                            **QUIET})
     last = _interrupted_equals_uninterrupted(cfg, tmp_path)
     run = tmp_path / "full"
-    tensors, _ = _final(run)
+    tensors, _ = final_tensors(run)
     assert tensors["obs_rms.mean"].shape == (17,) and tensors["obs_rms.count"].item() > 384
     assert tensors["ret_rms.var"].dtype == torch.float64 and tensors["ret_rms.var"].item() != 1.0
     assert isinstance(load_agent(run).policy, ActorCritic)
@@ -177,9 +169,9 @@ def test_resume_with_another_device_value_gives_identical_weights(tmp_path):
     result = train(ControlConfig(**base, device="auto"), tmp_path / "cut", resume=True, progress=False)
     assert yaml.safe_load((tmp_path / "cut" / "config.yaml").read_text())["device"] == "auto"
     assert yaml.safe_load((tmp_path / "cut" / "config.yaml").read_text())["run_info"]["device"] == result["device"]
-    (ta, _), (tb, _) = _final(tmp_path / "full"), _final(tmp_path / "cut")
+    (ta, _), (tb, _) = final_tensors(tmp_path / "full"), final_tensors(tmp_path / "cut")
     if result["device"] == "cpu":
-        _assert_bitwise_equal(ta, tb)
+        assert_bitwise_equal(ta, tb)
     else:  # another device rounds differently
         for k in ta:
             torch.testing.assert_close(ta[k], tb[k], rtol=1e-3, atol=1e-3)

@@ -10,6 +10,7 @@ from proxrl.control import PRESETS, ControlConfig, evaluate_run, plot_run, train
 from proxrl.control.checkpointing import load_agent
 from proxrl.errors import UserError
 from proxrl.runs import latest_checkpoint, list_checkpoints, load_checkpoint, read_metrics
+from checkpoint_compare import assert_bitwise_equal, final_tensors
 
 torch.set_num_threads(1)
 
@@ -27,23 +28,14 @@ def _pendulum(**kw) -> ControlConfig:
     return ControlConfig(**{**base, **kw})
 
 
-def _final_tensors(run_dir):
-    tensors, state = load_checkpoint(latest_checkpoint(run_dir))
-    return {k: v for k, v in tensors.items() if not k.startswith("rng.")}, state
-
-
-def _assert_bitwise_equal(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
 def test_same_seed_gives_bitwise_identical_weights(tmp_path):
     train(_cartpole(seed=3, total_steps=768), tmp_path / "a", progress=False)
     train(_cartpole(seed=3, total_steps=768), tmp_path / "b", progress=False)
     train(_cartpole(seed=4, total_steps=768), tmp_path / "c", progress=False)
-    a, b, c = (_final_tensors(tmp_path / n)[0] for n in "abc")
-    _assert_bitwise_equal(a, b)
+    a, b, c = (final_tensors(tmp_path / n)[0] for n in "abc")
+    assert_bitwise_equal(a, b)
     assert not torch.equal(a["policy.actor.0.weight"], c["policy.actor.0.weight"])
 
 
@@ -58,8 +50,8 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path, make_cfg):
     for extra in list_checkpoints(cut)[1:]:  # "crash" after the first checkpoint
         shutil.rmtree(extra)
     train(cfg, cut, resume=True, progress=False)
-    (ta, sa), (tb, sb) = _final_tensors(full), _final_tensors(cut)
-    _assert_bitwise_equal(ta, tb)
+    (ta, sa), (tb, sb) = final_tensors(full), final_tensors(cut)
+    assert_bitwise_equal(ta, tb)
     assert sa["global_step"] == sb["global_step"] and sa["generator"] == sb["generator"]
     assert sa["action_rng"] == sb["action_rng"]
     rows_a, rows_b = read_metrics(full), read_metrics(cut)
@@ -80,7 +72,7 @@ def test_resume_rejects_changed_hyperparameters(tmp_path):
 def test_normaliser_stats_saved_restored_and_used_in_evaluation(tmp_path):
     cfg = _pendulum(total_steps=512, eval_episodes=3)
     final = train(cfg, tmp_path, progress=False)
-    tensors, _ = _final_tensors(tmp_path)
+    tensors, _ = final_tensors(tmp_path)
     for key in ("obs_rms.mean", "obs_rms.var", "obs_rms.count", "ret_rms.var"):
         assert tensors[key].dtype == torch.float64
     assert tensors["obs_rms.count"].item() > 512  # every observation seen
