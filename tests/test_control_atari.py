@@ -308,6 +308,79 @@ def test_atari_settings_for_config_yaml():
     assert s["repeat_action_probability"] == 0.25 and s["terminal_on_life_loss"] and s["clip_rewards"]
 
 
+def test_ale_native_vector_env_preprocessing_and_seeding():
+    atari = _atari()
+    venv = atari.make_ale_vector_env("ALE/Breakout-v5", 2)
+    assert venv.single_observation_space.shape == (4, 84, 84) and venv.single_observation_space.dtype == np.uint8
+    assert venv.single_action_space == spaces.Discrete(4)
+    obs, _ = venv.reset(seed=5)
+    assert obs.shape == (2, 4, 84, 84)
+    prev, ended = obs, np.zeros(2, bool)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        obs, reward, terminated, truncated, info = venv.step(rng.integers(0, 4, 2))
+        assert set(np.unique(reward)) <= {-1, 0, 1}  # clipped
+        keep = ~ended  # NEXT_STEP: the step after an end is a reset step
+        assert (obs[keep, :3] == prev[keep, 1:]).all()  # oldest frame first, shifted by one each step
+        # training: the first lost life ends the episode (lives still 4 on that step)
+        assert (info["lives"][terminated] == 4).all()
+        ended = terminated | truncated
+        prev = obs
+    venv.close()
+
+    def first_frames(n, seed):
+        v = atari.make_ale_vector_env("ALE/Breakout-v5", n)
+        v.reset(seed=seed)
+        for _ in range(30):
+            out = v.step(np.full(n, 2))[0]
+        v.close()
+        return out
+
+    pair = first_frames(2, 11)
+    assert (pair[1] == first_frames(1, 12)[0]).all()  # env i gets seed + i, as sync/async envs are seeded
+    assert (pair == first_frames(2, 11)).all()
+
+
+def test_native_vector_mode_for_atari_training_only():
+    _atari()
+    from proxrl.control.envs import make_vector_env
+
+    venv, info = make_vector_env("ALE/Breakout-v5", 2, "native")
+    assert type(venv).__name__ == "AtariVectorEnv" and info.obs_kind == "image" and info.obs_shape == (4, 84, 84)
+    venv.close()
+    venv, _ = make_vector_env("ALE/Breakout-v5", 1, "native", evaluation=True)  # whole games: Gymnasium's stack
+    assert isinstance(venv, gym.vector.AsyncVectorEnv)
+    venv.close()
+    venv, _ = make_vector_env("ALE/Breakout-v5", 1, "auto")  # auto never picks AtariVectorEnv
+    assert type(venv).__name__ != "AtariVectorEnv"
+    venv.close()
+    with pytest.raises(UserError, match="ALE/Nope-v5"):
+        atari_mod = _atari()
+        atari_mod.make_ale_vector_env("ALE/Nope-v5", 1)
+    s = atari_mod.atari_settings("ALE/Breakout-v5", vector_mode="native")
+    assert "AtariVectorEnv" in s["training_envs"] and yaml.safe_load(yaml.safe_dump(s)) == s
+    assert "async" in atari_mod.atari_settings("ALE/Breakout-v5")["training_envs"]
+
+
+def test_cnn_bf16_autocast_close_to_float32_and_float32_outputs():
+    if not getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)():
+        pytest.skip("this CPU has no native bfloat16")
+    torch.manual_seed(0)
+    d = action_dist_for(spaces.Discrete(4))
+    ref = CNNActorCritic((4, 84, 84), d)
+    fast = CNNActorCritic((4, 84, 84), d, bf16=True)
+    fast.load_state_dict(ref.state_dict())
+    obs = torch.randint(0, 256, (16, 4, 84, 84), dtype=torch.uint8)
+    (o32, v32), (o16, v16) = ref.actor_value(obs), fast.actor_value(obs)
+    assert o16.dtype == torch.float32 and v16.dtype == torch.float32
+    assert not torch.equal(v16, v32)  # really computed in bf16 ...
+    scale = v32.abs().max().item()
+    assert (v16 - v32).abs().max().item() < 0.03 * scale  # ... to bf16's ~3 significant digits
+    assert (o16 - o32).abs().max().item() < 0.03 * o32.abs().max().item()
+    (v16.sum() + o16.sum()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fast.parameters() if p.requires_grad)
+
+
 def test_breakout_preset_is_cleanrl_ppo_atari():
     p = PRESETS["ALE/Breakout-v5"]
     expected = {"num_envs": 8, "rollout_steps": 128, "num_minibatches": 4, "epochs": 4, "learning_rate": 2.5e-4,

@@ -70,6 +70,26 @@ def test_atari_run_trains_resumes_bitwise_and_evaluates(tmp_path):
     assert result["returns"] == [last["eval_return_mean"]] and result["lengths"][0] > 50
 
 
+def test_atari_native_vector_env_with_bf16_trains_and_resumes_bitwise(tmp_path):
+    pytest.importorskip("ale_py")
+    pytest.importorskip("cv2")
+    if not getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)():
+        pytest.skip("this CPU has no native bfloat16")
+    cfg = ControlConfig(**{**PRESETS["ALE/Breakout-v5"], "total_steps": 96, "num_envs": 2, "rollout_steps": 16,
+                           "num_minibatches": 2, "epochs": 1, "checkpoint_every": 32, "keep_checkpoints": 5,
+                           "eval_episodes": 1, "vector_mode": "native", "bf16": True, **QUIET})
+    _interrupted_equals_uninterrupted(cfg, tmp_path)
+    run = tmp_path / "full"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["bf16"] is True and saved["vector_mode"] == "native"
+    assert "AtariVectorEnv" in saved["run_info"]["atari"]["training_envs"]
+    agent = load_agent(run)
+    assert isinstance(agent.policy, CNNActorCritic) and agent.policy.trunk.bf16
+    rows = read_metrics(run)
+    assert [r["global_step"] for r in rows] == [32, 64, 96]
+    assert all(np.isfinite(r["policy_loss"]) and r["approx_kl"] >= 0 for r in rows)
+
+
 # ------------------------------------------------------------------------------------------------ MuJoCo
 def test_halfcheetah_normalisation_saved_in_checkpoints_and_used_by_eval(tmp_path):
     pytest.importorskip("mujoco")
@@ -270,6 +290,11 @@ def test_bad_input_is_one_line(capsys, tmp_path, bad_envs, monkeypatch):
         _one_line(code, err, "CUDA is not available")
     code, err = _cli(capsys, "train", "CartPole-v1", "--run-dir", tmp_path / "e", "--device", "tpu", *QUICK)
     _one_line(code, err, "device='tpu'")
+    code, err = _cli(capsys, "train", "CartPole-v1", "--run-dir", tmp_path / "h", "--bf16", "true", *QUICK)
+    _one_line(code, err, "bf16=true is for image (CNN) policies", "'CartPole-v1'")
+    code, err = _cli(capsys, "train", f"{bad_envs}:pixels", "--run-dir", tmp_path / "i", "--bf16", "true",
+                     "--grad-backend", "numpy", *QUICK)
+    _one_line(code, err, "bf16=true needs grad_backend auto or autograd")
     assert not (tmp_path / "a").exists() or not (tmp_path / "a" / "config.yaml").exists()
     monkeypatch.setitem(sys.modules, "ale_py", None)  # as if proxrl[atari] were not installed
     monkeypatch.setitem(sys.modules, "mujoco", None)

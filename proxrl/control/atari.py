@@ -13,6 +13,12 @@ For an ``ALE/...`` id, :func:`make_atari_env` returns (innermost first)::
     ClipReward(-1, 1)                          training only: rewards clipped to [-1, 1] (= sign for Atari's integers)
     FrameStackObservation(4)                   observation (4, 84, 84) uint8, oldest frame first
 
+``vector_mode="native"`` (training envs only) instead steps ale-py's own vector env,
+``ale_py.vector_env.AtariVectorEnv`` (:func:`make_ale_vector_env`): the same preprocessing (no-op reset, frame
+skip with max-pool, 84x84 grey, 4-frame stack, life loss = end of episode and a new game, reward clipping, FIRE at
+reset, the id's sticky actions) done in C++ threads, ~5x the frames/s of ``async`` here. Evaluation envs are
+always the Gymnasium stack above (its FireReset presses FIRE again for a stalled greedy policy).
+
 (Mnih et al. 2015; the same steps as CleanRL's ``ppo_atari.py`` and SB3's ``AtariWrapper``.) One difference
 from those: Gymnasium's ``terminal_on_life_loss`` restarts the game after a lost life, where SB3's
 ``EpisodicLifeEnv`` only reports the termination and plays on with one life fewer; training episodes are
@@ -33,7 +39,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-__all__ = ["AtariSettings", "FireReset", "is_atari", "make_atari_env", "atari_settings", "make_atari_env_fn"]
+from proxrl.errors import UserError
+
+__all__ = ["AtariSettings", "FireReset", "is_atari", "make_atari_env", "atari_settings", "make_atari_env_fn",
+           "make_ale_vector_env"]
 
 EVAL_REFIRE_AFTER = 1000  # evaluation: press FIRE again after this many agent steps without reward or lost life
 
@@ -144,13 +153,50 @@ def make_atari_env_fn(env_id: str, settings: AtariSettings | None = None, *, eva
     return lambda: make_atari_env(env_id, settings, evaluation=evaluation, render_mode=render_mode)
 
 
-def atari_settings(env_id: str, settings: AtariSettings | None = None) -> dict[str, Any]:
-    """The preprocessing of ``env_id`` as a plain dict (for ``config.yaml``), sticky-action probability resolved."""
+def _sticky(env_id: str, s: AtariSettings) -> float | None:
+    """The sticky-action probability: the settings' value, else the id's default (0.25 for ``ALE/...-v5``)."""
+    if s.repeat_action_probability is not None:
+        return s.repeat_action_probability
+    spec = gym.registry.get(env_id)
+    return float(spec.kwargs.get("repeat_action_probability", 0.0)) if spec else None
+
+
+def make_ale_vector_env(env_id: str, num_envs: int, settings: AtariSettings | None = None,
+                        num_threads: int | None = None) -> gym.vector.VectorEnv:
+    """``num_envs`` training envs of ``env_id`` in ale-py's C++ ``AtariVectorEnv``, preprocessed as
+    :func:`make_atari_env` does (see the module docstring); observations ``(num_envs, frame_stack, 84, 84)``
+    uint8, NEXT_STEP autoreset. ``reset(seed=s)`` seeds env ``i`` with ``s + i`` (as the sync/async envs are
+    seeded). ``num_threads``: emulator threads, default ``min(num_envs, cpu count)``.
+    """
+    import os
+
+    import ale_py
+    from ale_py.vector_env import AtariVectorEnv
+
+    gym.register_envs(ale_py)
+    s = settings or AtariSettings()
+    spec = gym.registry.get(env_id)
+    if spec is None or "game" not in spec.kwargs:
+        raise UserError(f"unknown Atari env id {env_id!r} for ale-py's vector env; e.g. ALE/Breakout-v5")
+    sticky = _sticky(env_id, s)
+    return AtariVectorEnv(
+        spec.kwargs["game"], num_envs,
+        num_threads=num_threads or min(num_envs, os.cpu_count() or 1),
+        repeat_action_probability=0.0 if sticky is None else sticky,
+        full_action_space=s.full_action_space, max_num_frames_per_episode=s.max_num_frames_per_episode,
+        img_height=s.screen_size, img_width=s.screen_size, grayscale=True, stack_num=s.frame_stack,
+        frameskip=s.frame_skip, maxpool=s.frame_skip > 1, noop_max=s.noop_max,
+        episodic_life=s.terminal_on_life_loss, reward_clipping=s.clip_rewards, use_fire_reset=s.fire_reset,
+        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+    )
+
+
+def atari_settings(env_id: str, settings: AtariSettings | None = None, vector_mode: str = "async") -> dict[str, Any]:
+    """The preprocessing of ``env_id`` as a plain dict (for ``config.yaml``), sticky-action probability resolved;
+    ``vector_mode``: the training envs' (``"native"`` = ale-py's ``AtariVectorEnv``)."""
     s = settings or AtariSettings()
     d = dataclasses.asdict(s)
-    if d["repeat_action_probability"] is None:
-        spec = gym.registry.get(env_id)
-        d["repeat_action_probability"] = float(spec.kwargs.get("repeat_action_probability", 0.0)) if spec else None
+    d["repeat_action_probability"] = _sticky(env_id, s)
     d.update(
         env_id=env_id,
         base_frameskip=1,
@@ -160,6 +206,8 @@ def atari_settings(env_id: str, settings: AtariSettings | None = None) -> dict[s
         observation_dtype="uint8",
         wrappers=["AtariPreprocessing", *(["FireReset"] if s.fire_reset else []), "RecordEpisodeStatistics",
                   *(["ClipReward(-1, 1)"] if s.clip_rewards else []), "FrameStackObservation"],
+        training_envs=("ale_py.vector_env.AtariVectorEnv (the same preprocessing in C++)" if vector_mode == "native"
+                       else f"the wrappers above in a {'sync' if vector_mode == 'sync' else 'async'} vector env"),
         evaluation="whole games, raw rewards (no life-loss termination, no reward clipping); FIRE pressed again "
                    f"after {EVAL_REFIRE_AFTER} agent steps without a reward or a lost life",
     )
@@ -168,12 +216,15 @@ def atari_settings(env_id: str, settings: AtariSettings | None = None) -> dict[s
 
 def random_frames_per_second(env_id: str, num_envs: int = 8, frames: int = 10_000, seed: int = 0,
                              mode: str = "async") -> float:
-    """Emulator frames per second (agent steps x frame_skip) of ``num_envs`` preprocessed envs under random actions."""
+    """Emulator frames per second (agent steps x frame_skip) of ``num_envs`` preprocessed envs under random actions
+    (``mode``: ``"async"``, ``"sync"`` or ``"native"``)."""
     import time
 
-    fn = make_atari_env_fn(env_id)
-    cls = gym.vector.AsyncVectorEnv if mode == "async" else gym.vector.SyncVectorEnv
-    venv = cls([fn] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    if mode == "native":
+        venv = make_ale_vector_env(env_id, num_envs)
+    else:
+        cls = gym.vector.AsyncVectorEnv if mode == "async" else gym.vector.SyncVectorEnv
+        venv = cls([make_atari_env_fn(env_id)] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     try:
         venv.reset(seed=seed)
         rng = np.random.default_rng(seed)

@@ -36,7 +36,7 @@ STATE_KEYS = ("global_step", "update", "env_epoch", "train_seconds", "stopped", 
               "action_rng", "rng", "space", "config")
 
 
-def build_policy(cfg: ControlConfig, info: SpaceInfo) -> nn.Module:
+def build_policy(cfg: ControlConfig, info: SpaceInfo, training: bool = True) -> nn.Module:
     """A freshly initialised policy for ``cfg`` and the env's spaces (uses the global torch RNG).
 
     * image observations: :class:`~proxrl.control.cnn.CNNActorCritic` (Nature CNN, shared trunk, uint8 in);
@@ -47,14 +47,29 @@ def build_policy(cfg: ControlConfig, info: SpaceInfo) -> nn.Module:
     if info.obs_kind == "image":
         from proxrl.control.cnn import CNNActorCritic, image_layout
 
+        if cfg.bf16 and training:  # (a saved bf16 policy still evaluates anywhere, slowly without support)
+            _check_bf16_supported()
         return CNNActorCritic(info.obs_shape, info.dist, channels_last=image_layout(info.obs_shape) == "hwc",
-                              init_log_std=cfg.init_log_std)
+                              init_log_std=cfg.init_log_std, bf16=cfg.bf16)
+    if cfg.bf16:
+        raise UserError(f"bf16=true is for image (CNN) policies; {cfg.env_id!r} has vector observations, whose "
+                        "MLP policy trains in float32: use --bf16 false")
     hidden = parse_hidden_sizes(cfg.hidden_sizes)
     if info.dist.kind in ("categorical", "gaussian"):
         return ActorCritic(info.obs_dim, info.action_dim, info.discrete, hidden, cfg.activation, cfg.init_log_std)
     from proxrl.control.cnn import MLPActorCritic
 
     return MLPActorCritic(info.obs_dim, info.dist, hidden, cfg.activation, cfg.init_log_std)
+
+
+def _check_bf16_supported() -> None:
+    """UserError unless CUDA is available or the CPU computes bfloat16 natively (AVX512-BF16 / AMX)."""
+    if torch.cuda.is_available():
+        return
+    is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if is_supported is None or not is_supported():
+        raise UserError("bf16=true: this CPU has no native bfloat16 support (AVX512-BF16/AMX) and no CUDA device "
+                        "is available; bf16 would be slower than float32 here: use --bf16 false")
 
 
 def _space_state(info: SpaceInfo) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -191,7 +206,7 @@ def load_agent(run_dir: str | Path, device: torch.device | str = "cpu") -> Loade
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint {ckpt}: state.json has a malformed 'space' entry ({e!r}); delete it or use "
                         "another checkpoint") from e
-    policy = build_policy(cfg, info)
+    policy = build_policy(cfg, info, training=False)
     obs_norm = ObsNormalizer(info.obs_dim, cfg.norm_obs, cfg.obs_clip)
     expected = {f"policy.{k}": v for k, v in policy.state_dict().items()}
     check_checkpoint(ckpt, tensors, state, {**expected, **obs_norm.state_tensors()}, state_keys=())

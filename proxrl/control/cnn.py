@@ -55,8 +55,9 @@ def image_layout(shape: tuple[int, ...]) -> str | None:
 class NatureCNN(nn.Module):
     """The shared trunk: ``(N, C, H, W)`` pixels in [0, 255] -> ``(N, features)`` (see the module docstring)."""
 
-    def __init__(self, in_channels: int, height: int, width: int, features: int = 512) -> None:
+    def __init__(self, in_channels: int, height: int, width: int, features: int = 512, bf16: bool = False) -> None:
         super().__init__()
+        self.bf16 = bf16
         if min(height, width) < MIN_IMAGE_SIZE:
             raise UserError(
                 f"image observations of {height}x{width} are too small for the Nature CNN (needs at least "
@@ -78,8 +79,13 @@ class NatureCNN(nn.Module):
         self.convs.to(memory_format=torch.channels_last)
 
     def forward(self, pixels: Tensor) -> Tensor:
-        x = (pixels.to(torch.float32) * (1.0 / 255.0)).contiguous(memory_format=torch.channels_last)
-        return self.fc(self.convs(x))
+        # uint8 -> channels-last first (a quarter of the bytes to move), then float32 in that layout
+        x = pixels.contiguous(memory_format=torch.channels_last).to(torch.float32).mul_(1.0 / 255.0)
+        if not self.bf16:
+            return self.fc(self.convs(x))
+        # mixed precision: convolutions and the linear layer in bfloat16, float32 weights and features out
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.fc(self.convs(x)).float()
 
 
 class _PolicyAPI(nn.Module):
@@ -134,10 +140,11 @@ class CNNActorCritic(_PolicyAPI):
     """Nature-CNN actor-critic with a shared trunk for image observations of shape ``obs_shape``.
 
     ``obs_shape``: ``(C, H, W)``, or ``(H, W, C)`` with ``channels_last=True`` (permuted inside ``forward``).
+    ``bf16``: the trunk runs under ``torch.autocast(bfloat16)``; the heads, log-probs and values stay float32.
     """
 
     def __init__(self, obs_shape: tuple[int, ...], dist: ActionDist, channels_last: bool = False,
-                 features: int = 512, init_log_std: float = 0.0) -> None:
+                 features: int = 512, init_log_std: float = 0.0, bf16: bool = False) -> None:
         super().__init__()
         if len(obs_shape) != 3:
             raise UserError(f"CNN policy needs 3-D image observations (C, H, W), got shape {tuple(obs_shape)}")
@@ -145,7 +152,7 @@ class CNNActorCritic(_PolicyAPI):
         self.obs_shape = tuple(int(s) for s in obs_shape)
         self.channels_last = channels_last
         self.dist = dist
-        self.trunk = NatureCNN(int(c), int(h), int(w), features)
+        self.trunk = NatureCNN(int(c), int(h), int(w), features, bf16=bf16)
         self.actor_head = _init(nn.Linear(features, dist.out_dim), 0.01)
         self.critic_head = _init(nn.Linear(features, 1), 1.0)
         self._init_log_std(init_log_std)

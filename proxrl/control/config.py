@@ -143,7 +143,8 @@ class ControlConfig:
     vector_mode: Literal["auto", "native", "sync", "async"] = opt(
         "auto",
         "How envs are vectorised: the env's own vector implementation (native), one process (sync) or one "
-        "process per env (async); auto = native when the env id has one, else sync.",
+        "process per env (async); auto = native when the env id has one, else sync. For ALE/... ids native = "
+        "ale-py's AtariVectorEnv (same preprocessing in C++ threads, ~5x async's frames/s; auto keeps async).",
     )
     keep_checkpoints: int = opt(2, "Keep only this many newest checkpoints in run_dir/checkpoints (at least 1).")
     grad_backend: Literal["auto", "numpy", "autograd"] = opt(
@@ -158,6 +159,12 @@ class ControlConfig:
         "Where the policy trains: auto (CUDA when available, else CPU), cpu, cuda (cuda:LOCAL_RANK under torchrun), "
         "cuda:N or mps. On CPU the MLP policies take the numpy fast path (grad_backend auto); on a GPU the torch "
         "autograd path. Envs always run on the CPU. The device used is printed and saved in config.yaml.",
+    )
+    bf16: bool = opt(
+        False,
+        "Run the CNN policy's convolutions and matmuls under torch.autocast(bfloat16) (CUDA, and CPUs with "
+        "AVX512-BF16/AMX, ~2x faster here); weights, optimizer, log-probs and losses stay float32. Image (CNN) "
+        "policies only, autograd backend.",
     )
     video_every: int = opt(
         0,
@@ -229,6 +236,8 @@ class ControlConfig:
             value = getattr(self, name)
             check(value in ("constant", "linear"), f"{name}={value!r} must be 'constant' or 'linear'")
         check(self.activation in ("tanh", "relu"), f"activation={self.activation!r} must be 'tanh' or 'relu'")
+        check(not (self.bf16 and self.grad_backend == "numpy"),
+              "bf16=true needs grad_backend auto or autograd (the numpy backend computes in float64/float32)")
         check(
             self.vector_mode in ("auto", "native", "sync", "async"),
             f"vector_mode={self.vector_mode!r} must be one of auto, native, sync, async",

@@ -183,9 +183,10 @@ def space_info(obs_space: spaces.Space, action_space: spaces.Space) -> SpaceInfo
 
 
 def _has_native(env_id: str, env_fn: EnvFactory | None) -> bool:
+    """Whether ``auto`` picks the id's own vector implementation (CartPole's, ...). Atari ids have one too,
+    ale-py's ``AtariVectorEnv``, but only ``vector_mode="native"`` selects it (see :mod:`proxrl.control.atari`)."""
     from proxrl.control.atari import is_atari
 
-    # ale-py's AtariVectorEnv preprocesses in C++ with its own settings; Atari ids use Gymnasium's wrappers
     if env_fn is not None or env_id not in gym.registry or is_atari(env_id):
         return False
     spec = gym.registry[env_id]
@@ -198,11 +199,22 @@ def make_vector_env(
     """Build a vector env in NEXT_STEP autoreset mode and check its spaces.
 
     ``mode``: ``"native"`` uses the id's ``vector_entry_point`` (UserError if it has none or it is not
-    NEXT_STEP), ``"sync"`` / ``"async"`` wrap ``num_envs`` single envs, ``"auto"`` = native when available.
+    NEXT_STEP) or, for Atari ids, ale-py's ``AtariVectorEnv`` (training envs; evaluation envs are async);
+    ``"sync"`` / ``"async"`` wrap ``num_envs`` single envs, ``"auto"`` = native when available (never for Atari).
     ``evaluation``: build evaluation envs (Atari: whole games, raw rewards).
     """
     use_native = mode == "native" or (mode == "auto" and _has_native(env_id, env_fn))
-    if use_native:
+    from proxrl.control.atari import is_atari
+
+    if use_native and env_fn is None and is_atari(env_id):
+        if evaluation:  # evaluation envs: always Gymnasium's stack (whole games, FIRE again when stalled)
+            return make_vector_env(env_id, num_envs, "async", env_fn, evaluation)
+        from proxrl.control.atari import make_ale_vector_env
+        from proxrl.control.envs_extra import require_extra_for
+
+        require_extra_for(env_id)
+        venv = make_ale_vector_env(env_id, num_envs)
+    elif use_native:
         if not _has_native(env_id, env_fn):
             raise UserError(f"vector_mode='native' but env {env_id!r} has no native vector implementation; use sync")
         venv = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
