@@ -16,8 +16,11 @@ For an ``ALE/...`` id, :func:`make_atari_env` returns (innermost first)::
 ``vector_mode="native"`` (training envs only) instead steps ale-py's own vector env,
 ``ale_py.vector_env.AtariVectorEnv`` (:func:`make_ale_vector_env`): the same preprocessing (no-op reset, frame
 skip with max-pool, 84x84 grey, 4-frame stack, life loss = end of episode and a new game, reward clipping, FIRE at
-reset, the id's sticky actions) done in C++ threads, ~5x the frames/s of ``async`` here. Evaluation envs are
-always the Gymnasium stack above (its FireReset presses FIRE again for a stalled greedy policy).
+reset, the id's sticky actions) done in C++ threads, ~5x the frames/s of ``async`` here. Two small differences,
+seen when both are stepped without no-ops or sticky actions: its frame stack starts zero-filled after a reset
+(Gymnasium's repeats the first frame) and its reset presses FIRE for one emulator frame (ours for a frame-skipped
+step). Evaluation envs are always the Gymnasium stack above (its FireReset presses FIRE again for a stalled
+greedy policy).
 
 (Mnih et al. 2015; the same steps as CleanRL's ``ppo_atari.py`` and SB3's ``AtariWrapper``.) One difference
 from those: Gymnasium's ``terminal_on_life_loss`` restarts the game after a lost life, where SB3's
