@@ -152,6 +152,21 @@ def test_cnn_channels_last_matches_channels_first():
     assert image_layout((40, 44, 3)) == "hwc" and image_layout((4, 84, 84)) == "chw" and image_layout((3,)) is None
 
 
+def test_cnn_batch_layout_keeps_values_and_minibatches_keep_the_layout():
+    torch.manual_seed(0)
+    net = CNNActorCritic((4, 40, 40), action_dist_for(spaces.Discrete(3)))
+    x = torch.randint(0, 256, (6, 4, 40, 40), dtype=torch.uint8)
+    y = net.batch_layout(x)
+    assert torch.equal(y, x) and y.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(
+        memory_format=torch.channels_last)
+    mb = y[torch.tensor([4, 1, 2])]
+    assert mb.is_contiguous(memory_format=torch.channels_last)  # what the update's minibatches get
+    assert torch.equal(net.actor_value(mb)[1], net.actor_value(x[torch.tensor([4, 1, 2])])[1])
+    hwc = CNNActorCritic((40, 40, 4), action_dist_for(spaces.Discrete(3)), channels_last=True)
+    z = x.permute(0, 2, 3, 1).contiguous()
+    assert hwc.batch_layout(z) is z
+
+
 def test_cnn_rejects_small_images():
     with pytest.raises(UserError, match="too small"):
         CNNActorCritic((4, 20, 84), action_dist_for(spaces.Discrete(2)))

@@ -157,6 +157,13 @@ class CNNActorCritic(_PolicyAPI):
         self.critic_head = _init(nn.Linear(features, 1), 1.0)
         self._init_log_std(init_log_std)
 
+    def batch_layout(self, obs: Tensor) -> Tensor:
+        """``obs`` ``(B, *obs_shape)`` in the memory layout the trunk computes in (channels-last), same values:
+        the PPO update converts its batch once, and the minibatches indexed from it keep the layout."""
+        if self.channels_last:  # (B, H, W, C) contiguous is already channels-last once permuted
+            return obs
+        return obs.contiguous(memory_format=torch.channels_last)
+
     def _features(self, obs: Tensor) -> Tensor:
         return self.trunk(obs.permute(0, 3, 1, 2) if self.channels_last else obs)
 
