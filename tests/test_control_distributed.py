@@ -1,10 +1,12 @@
 """`proxrl train` under torchrun (issue 7): 2 gloo processes on the CPU compute what 1 process computes, a run
 resumes with another number of processes, and a rank that raises or is killed ends the job with one line.
 
-Each test launches the real CLI: ``torchrun --standalone --nproc_per_node 2 -m proxrl.cli train ...``.
-Tolerance: the processes split every minibatch and all-reduce the weighted gradient, so the sums run in another
-order than in one process; after the few hundred Adam steps here every tensor agrees to 1e-4 relative + 1e-5
-absolute (measured: largest weight gap ~3e-6).
+The end-to-end tests launch the real CLI: ``torchrun --standalone --nproc_per_node 2 -m proxrl.cli train ...``;
+two unit tests check which minibatches the processes split (proxrl.control.ppo._shared_minibatch_step).
+Tolerance: each process acts on its envs with a smaller batch, and a large minibatch is split over the processes
+with its weighted gradient all-reduced, so the sums run in another order than in one process; after the few
+hundred Adam steps here every tensor agrees to 1e-4 relative + 1e-5 absolute (measured: largest weight gap
+~3e-6).
 """
 from __future__ import annotations
 
@@ -15,10 +17,24 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
-from proxrl.runs import latest_checkpoint, list_checkpoints, load_checkpoint, read_metrics
+from proxrl.control import PRESETS, ControlConfig
+from proxrl.control.cnn import CNNActorCritic
+from proxrl.control.distributions import action_dist_for
+from proxrl.control.flat_params import flatten_parameters
+from proxrl.control.policy import ActorCritic
+from proxrl.control.ppo import TorchPPOGradient, _shared_minibatch_step
+from proxrl.core import normalize
+from proxrl.runs import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_metrics,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -29,6 +45,12 @@ PENDULUM = ["Pendulum-v1", "--total-steps", "768", "--num-envs", "4", "--rollout
             "--epochs", "2", "--vector-mode", "sync", "--eval-episodes", "1", "--eval-every", "0",
             "--checkpoint-every", "256", "--keep-checkpoints", "5", "--no-progress", "--tensorboard", "false",
             "--threads", "1"]
+# CartPole (sync envs, so 1 and 2 processes step the same episodes) with 256x256 MLPs and 2 minibatches of ~128:
+# 128 x 135k parameters is above _shared_minibatch_step's min_split_work, so the processes split each minibatch
+BIG_CARTPOLE = ["CartPole-v1", "--total-steps", "768", "--num-envs", "4", "--rollout-steps", "64",
+                "--num-minibatches", "2", "--epochs", "2", "--hidden-sizes", "256,256", "--vector-mode", "sync",
+                "--eval-episodes", "1", "--eval-every", "0", "--no-progress", "--tensorboard", "false",
+                "--threads", "1"]
 
 
 def _env(extra_path: Path | None = None) -> dict[str, str]:
@@ -77,6 +99,73 @@ def test_two_processes_compute_what_one_computes(tmp_path):
     assert not list(tmp_path.glob("n2/**/*rank*"))  # nothing written by rank 1
 
 
+def test_split_minibatches_and_gathered_episodes_equal_one_process(tmp_path):
+    """Large minibatches, split over the processes with one all-reduce each, give one process's weights; the
+    logged episode statistics are the job's (gather_rollout gathers every process's episodes)."""
+    one = _proxrl(1, "train", *BIG_CARTPOLE, "--run-dir", tmp_path / "n1")
+    assert one.returncode == 0, one.stderr
+    two = _proxrl(2, "train", *BIG_CARTPOLE, "--run-dir", tmp_path / "n2")
+    assert two.returncode == 0, two.stderr
+    _assert_close(_final(tmp_path / "n1"), _final(tmp_path / "n2"))
+    rows1, rows2 = read_metrics(tmp_path / "n1"), read_metrics(tmp_path / "n2")
+    assert [r["global_step"] for r in rows1] == [r["global_step"] for r in rows2] == [256, 512, 768]
+    assert sum(r["episodes"] for r in rows1) > 10
+    for r1, r2 in zip(rows1, rows2):
+        assert r2["episodes"] == r1["episodes"]
+        assert r2["episodic_length"] == pytest.approx(r1["episodic_length"], nan_ok=True)
+        for k in ("episodic_return", "value_loss", "approx_kl", "explained_variance"):
+            assert r2[k] == pytest.approx(r1[k], rel=1e-3, abs=1e-6, nan_ok=True), k
+
+
+def _minibatch(policy: torch.nn.Module, m: int, obs_shape: tuple[int, ...]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    obs = (torch.randint(0, 256, (m, *obs_shape), generator=g, dtype=torch.uint8) if len(obs_shape) > 1
+           else torch.randn(m, *obs_shape, generator=g))
+    actions = torch.randint(0, 2, (m,), generator=g)
+    with torch.no_grad():
+        logp, _, values = policy.evaluate(obs, actions, False)
+    return [obs, actions, logp + 0.2 * torch.randn(m, generator=g), values + 0.2 * torch.randn(m, generator=g),
+            torch.randn(m, generator=g) * 3 + 1, values + torch.randn(m, generator=g)]
+
+
+def test_small_minibatches_are_computed_whole_large_ones_split():
+    """_shared_minibatch_step without a process group (its all-reduce is then a no-op), as rank 1 of 2: below
+    min_split_work it computes the whole minibatch (bit-exact one-process gradient and loss terms, no collective
+    needed); from it on, only rank 1's half, with advantages normalised over the whole minibatch first."""
+    torch.manual_seed(0)
+    policy = ActorCritic(4, 2, True, (64, 64), "tanh")
+    flat = flatten_parameters(policy)
+    cfg = ControlConfig(**PRESETS["CartPole-v1"])
+    m, p = 256, flat.numel()
+    batch = _minibatch(policy, m, (4,))
+    whole_stats = TorchPPOGradient(policy, flat, cfg, 0.2)(*batch)  # normalises the advantages itself
+    whole_grad = flat.grad.clone()
+    shared = TorchPPOGradient(policy, flat, cfg, 0.2, normalize_advantages=False)
+
+    stats = _shared_minibatch_step(shared, list(batch), flat.grad, 2, 1, True, min_split_work=m * p + 1)
+    assert torch.equal(flat.grad, whole_grad) and np.array_equal(stats, whole_stats)
+
+    half = [t[m // 2:] for t in batch]
+    half[4] = normalize(batch[4])[m // 2:]
+    half_stats = shared(*half)
+    half_grad = flat.grad.clone()
+    stats = _shared_minibatch_step(shared, list(batch), flat.grad, 2, 1, True, min_split_work=m * p)
+    torch.testing.assert_close(flat.grad, half_grad, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stats, half_stats, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(half_grad, whole_grad, rtol=1e-2, atol=1e-4)
+
+
+def test_the_split_threshold_keeps_mlp_presets_whole_and_splits_atari():
+    """The default min_split_work: CartPole's 256-transition minibatch through its 64x64 MLPs (~2.3e6) stays
+    whole; Breakout's 256 frames through the Nature CNN (~4.3e8) are split."""
+    import inspect
+
+    default = inspect.signature(_shared_minibatch_step).parameters["min_split_work"].default
+    mlp = flatten_parameters(ActorCritic(4, 2, True, (64, 64), "tanh")).numel()
+    cnn = flatten_parameters(CNNActorCritic((4, 84, 84), action_dist_for(gym.spaces.Discrete(4)))).numel()
+    assert 256 * mlp < default <= 256 * cnn
+
+
 def test_resume_with_another_number_of_processes(tmp_path):
     """Saved with 2 processes, resumed with 1, and saved with 1, resumed with 2: the uninterrupted run's weights."""
     for saved_n, resumed_n in ((2, 1), (1, 2)):
@@ -97,6 +186,7 @@ ENV_MODULE = '''
 import os
 import signal
 
+import gymnasium as gym
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces

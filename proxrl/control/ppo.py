@@ -183,6 +183,9 @@ def ppo_update(
     # NEXT_STEP reset steps are not transitions: drop them, keep the B' real ones.
     real = rollout.valid.reshape(-1).nonzero().squeeze(1)
     batch = tuple(t[real] for t in batch)
+    batch_layout = getattr(policy, "batch_layout", None)
+    if batch_layout is not None:  # e.g. images to the CNN's channels-last layout, once (minibatches keep it)
+        batch = (batch_layout(batch[0]), *batch[1:])
     n_real = real.numel()
     explained_var = explained_variance(batch[3], batch[5])
     # Several processes: each holds the whole batch (gather_rollout) and computes the gradient of its contiguous
@@ -264,15 +267,24 @@ def _normalized(adv: Tensor | np.ndarray) -> Tensor | np.ndarray:
 
 
 def _shared_minibatch_step(loss_and_grad, minibatch: list, grad: Tensor, world: int, rank: int,
-                           normalize_here: bool) -> np.ndarray:
-    """This process's share of one minibatch (the ``rank``-th of ``world`` contiguous, near-equal parts, as
-    ``tensor_split``): its loss terms and gradient, then one all-reduce of ``[m_r * grad, m_r * stats, m_r]``
-    so ``grad`` and the returned stats are the whole minibatch's means on every process."""
+                           normalize_here: bool, min_split_work: int = 10_000_000) -> np.ndarray:
+    """One minibatch's loss terms and gradient (into ``grad``) on every process, all of them equal.
+
+    Every process holds the whole minibatch (:func:`~proxrl.control.rollout.gather_rollout`). If it is big
+    (``M * grad.numel() >= min_split_work`` samples x parameters), process ``rank`` computes the ``rank``-th
+    of ``world`` contiguous, near-equal parts (as ``tensor_split``) and one all-reduce of
+    ``[m_r * grad, m_r * stats, m_r]`` gives every process the whole minibatch's means (same values as one
+    process up to the order of float sums). A small minibatch (CartPole's MLP: 256 x 9k = 2.3e6) costs less
+    than an all-reduce's latency (0.3-3 ms on a busy 2-core machine), so there every process computes the whole
+    minibatch itself, with no collective: exactly what one process computes. ``min_split_work`` depends on
+    sizes only, so every process and every run takes the same path."""
     m = minibatch[0].shape[0]
+    if normalize_here:  # over the whole minibatch, as one process does (the backends were told not to)
+        minibatch[4] = _normalized(minibatch[4])
+    if m * grad.numel() < min_split_work:
+        return loss_and_grad(*minibatch)
     start = rank * (m // world) + min(rank, m % world)
     stop = start + m // world + (1 if rank < m % world else 0)
-    if normalize_here:
-        minibatch[4] = _normalized(minibatch[4])
     part = [t[start:stop] for t in minibatch]
     m_r = stop - start
     if m_r > 0:

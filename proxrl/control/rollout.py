@@ -79,33 +79,49 @@ _GATHERED = ("actions", "logprobs", "rewards", "terminated", "truncated", "valid
 
 def gather_rollout(rollout: Rollout) -> Rollout:
     """The job's whole rollout ``(T, num_envs, ...)`` on every process (envs in global order), from each process's
-    ``(T, N_local, ...)`` share (``rollout`` itself with one process). Episode lists stay per process.
-    ``rollout`` must come from :meth:`Collector.collect` (it gathers the ``(T+1)`` buffers).
+    ``(T, N_local, ...)`` share (``rollout`` itself with one process). ``rollout`` must come from
+    :meth:`Collector.collect` (it gathers the ``(T+1)`` buffers).
 
-    One all-gather: every buffer is packed per env into one float32 tensor (exact for float32 values, the
-    flags and the action indices), except uint8 pixels, which travel on their own.
+    The episode lists become the job's too, in the order one process lists them (by step, then global env):
+    the ``k``-th episode of a process ended at its ``k``-th done flag (``terminated | truncated``) in
+    ``(t, env)`` order, so each return and length travels at the position of its done flag.
+
+    One all-gather per rollout: the raw bytes of every buffer (uint8 pixels, float32 observations, int64
+    actions, the flags, the float64 episode returns) are packed per env into one uint8 tensor, so nothing is
+    converted and the result is bit-exact.
     """
     if not D.is_distributed():
         return rollout
     T1, n = rollout.obs_all.shape[:2]
-    pixels = not rollout.obs_all.is_floating_point()
-    names = ("values_all", *_GATHERED) if pixels else ("obs_all", "values_all", *_GATHERED)
-    cols, shapes = [], []
-    for k in names:
-        t = getattr(rollout, k)
+    done = rollout.terminated | rollout.truncated
+    if int(done.sum()) != len(rollout.episode_returns):
+        raise ValueError(f"the rollout lists {len(rollout.episode_returns)} episodes but has {int(done.sum())} "
+                         "done flags; gather_rollout needs a rollout from Collector.collect")
+    ep_return = torch.zeros(done.shape, dtype=torch.float64)
+    ep_length = torch.zeros(done.shape, dtype=torch.int64)
+    ep_return[done] = torch.tensor(rollout.episode_returns, dtype=torch.float64)
+    ep_length[done] = torch.tensor(rollout.episode_lengths, dtype=torch.int64)
+    buffers = {k: getattr(rollout, k) for k in ("obs_all", "values_all", *_GATHERED)}
+    buffers.update(ep_return=ep_return, ep_length=ep_length)
+    cols, layout = [], []
+    for k, t in buffers.items():
         rows = t if t.shape[0] == T1 else torch.cat([t, t.new_zeros((1, *t.shape[1:]))])  # pad T -> T+1
-        cols.append(rows.reshape(T1, n, -1).to(torch.float32))
-        shapes.append((k, t.shape[0], t.shape[2:], t.dtype, cols[-1].shape[2]))
-    packed = D.all_gather_cat(torch.cat(cols, dim=2), dim=1, equal_sizes=True)  # (T+1, num_envs, width)
+        rows = rows.reshape(T1, n, -1).contiguous()
+        if rows.dtype == torch.bool:
+            rows = rows.view(torch.uint8)
+        cols.append(rows.view(torch.uint8))  # (T+1, n, bytes): the values' own bytes
+        layout.append((k, t.shape[0], t.shape[2:], t.dtype, cols[-1].shape[2]))
+    packed = D.all_gather_cat(torch.cat(cols, dim=2), dim=1, equal_sizes=True)  # (T+1, num_envs, bytes)
     parts: dict[str, Tensor] = {}
     offset = 0
-    for k, length, tail, dtype, width in shapes:
-        block = packed[:length, :, offset: offset + width]
+    for k, length, tail, dtype, width in layout:
+        block = packed[:length, :, offset: offset + width].contiguous()
         offset += width
-        parts[k] = (block != 0 if dtype == torch.bool else block.to(dtype)).reshape(length, -1, *tail)
-    if pixels:
-        parts["obs_all"] = D.all_gather_cat(rollout.obs_all, dim=1, equal_sizes=True)
-    return _from_buffers(**parts, episode_returns=rollout.episode_returns, episode_lengths=rollout.episode_lengths)
+        block = block.view(torch.bool) if dtype == torch.bool else block.view(dtype)
+        parts[k] = block.reshape(length, -1, *tail)
+    done_all = parts["terminated"] | parts["truncated"]
+    ep_return, ep_length = parts.pop("ep_return")[done_all], parts.pop("ep_length")[done_all]
+    return _from_buffers(**parts, episode_returns=ep_return.tolist(), episode_lengths=ep_length.tolist())
 
 
 def uses_numpy_rollout(policy: nn.Module, device: torch.device) -> bool:

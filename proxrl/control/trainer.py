@@ -182,7 +182,7 @@ def _run_info(cfg: ControlConfig, device: torch.device, dist: D.DistInfo) -> dic
 
     info: dict[str, Any] = {"device": str(device), "processes": dist.world_size}
     if is_atari(cfg.env_id):
-        info["atari"] = atari_settings(cfg.env_id)
+        info["atari"] = atari_settings(cfg.env_id, vector_mode=cfg.vector_mode)
     return info
 
 
@@ -367,16 +367,11 @@ def _train(
 
 def _episode_stats(returns: list[float], lengths: list[int]) -> dict[str, float]:
     """``episodic_return`` / ``episodic_length`` (means over the episodes that ended in the job's rollout, NaN
-    if none) and ``episodes``; with several processes, over every process's episodes (one all-reduce)."""
-    if not D.is_distributed():
-        return {"episodic_return": float(np.mean(returns)) if returns else math.nan,
-                "episodic_length": float(np.mean(lengths)) if lengths else math.nan,
-                "episodes": len(returns)}
-    sums = D.all_reduce_sum(torch.tensor([math.fsum(returns), float(sum(lengths)), float(len(returns))],
-                                         dtype=torch.float64)).tolist()
-    count = int(sums[2])
-    return {"episodic_return": sums[0] / count if count else math.nan,
-            "episodic_length": sums[1] / count if count else math.nan, "episodes": count}
+    if none) and ``episodes``. With several processes the lists are already the job's (gather_rollout gathers
+    them in one process's order), so no collective is needed and the figures equal one process's."""
+    return {"episodic_return": float(np.mean(returns)) if returns else math.nan,
+            "episodic_length": float(np.mean(lengths)) if lengths else math.nan,
+            "episodes": len(returns)}
 
 
 def _record_video(cfg: ControlConfig, rd: RunDir, policy: torch.nn.Module, obs_norm: ObsNormalizer, step: int,
