@@ -16,13 +16,24 @@ for these MLP policies), to compare the closed-form numpy gradient with torch au
 ``breakout``: ``PRESETS["ALE/Breakout-v5"]`` (CleanRL ppo_atari: 8 async envs x 128 steps, 4 minibatches, 4
 epochs, Nature CNN), STEPS agent steps (4 frames each), one whole-game evaluation at the end (not timed).
 
-Usage: ``python benchmarks/_proxrl_control_side.py {cartpole,pendulum,breakout} SEED STEPS OUT.json
-[--eval-every N] [--grad-backend auto|numpy|autograd] [--profile OUT.prof] [--breakdown]``
+``halfcheetah``: ``PRESETS["HalfCheetah-v5"]`` (rl-baselines3-zoo's tuned HalfCheetah-v4 entry: 1 env x 512
+steps, 8 minibatches of 64, 20 epochs, lr 2.0633e-5, gamma 0.98, lambda 0.92, clip 0.1, ReLU pi/vf [256, 256],
+log std -2, obs + reward normalisation); no evaluation during training (``--eval-every 0``), one final
+deterministic evaluation of ``--eval-episodes`` (10) episodes with the observation statistics frozen (not timed).
+
+``--set-json '{"key": value, ...}'`` overrides any ``ControlConfig`` field last (after the benchmark's own
+settings), e.g. ``{"vector_mode": "native"}``; ``control_bench.py --proxrl-set KEY=VALUE`` builds it.
+
+Usage: ``python benchmarks/_proxrl_control_side.py {cartpole,pendulum,breakout,halfcheetah} SEED STEPS OUT.json
+[--eval-every N] [--eval-episodes N] [--grad-backend auto|numpy|autograd] [--set-json JSON] [--profile OUT.prof]
+[--breakdown]``
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -32,11 +43,14 @@ T_START = time.perf_counter()
 
 import torch  # noqa: E402
 
+from proxrl.config import from_dict  # noqa: E402
 from proxrl.control import PRESETS, ControlConfig, train  # noqa: E402
 
 SOLVED = 475.0
-ENV_IDS = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1", "breakout": "ALE/Breakout-v5"}
-EVAL_EPISODES = {"cartpole": 20, "pendulum": 20, "breakout": 1}  # Breakout: one whole game at the end, not timed
+ENV_IDS = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1", "breakout": "ALE/Breakout-v5",
+           "halfcheetah": "HalfCheetah-v5"}
+# Breakout: one whole game at the end, not timed; HalfCheetah: 10 episodes at the end, not timed
+EVAL_EPISODES = {"cartpole": 20, "pendulum": 20, "breakout": 1, "halfcheetah": 10}
 
 
 class _Timers:
@@ -121,22 +135,40 @@ def _install_breakdown() -> _Timers:
     return timers
 
 
+def _record_grad_backend() -> list[str]:
+    """The gradient backend the trainer resolves (``auto`` -> numpy or autograd), appended to the returned list."""
+    import proxrl.control.trainer as train_mod
+
+    seen: list[str] = []
+    resolve = train_mod.resolve_grad_backend
+
+    def recording(*args, **kwargs):
+        backend = resolve(*args, **kwargs)
+        seen.append(str(backend))
+        return backend
+
+    train_mod.resolve_grad_backend = recording
+    return seen
+
+
 def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = None, breakdown: bool = False,
-        grad_backend: str = "auto") -> dict:
+        grad_backend: str = "auto", eval_episodes: int | None = None, overrides: dict | None = None) -> dict:
     timers = _install_breakdown() if breakdown else None
     env_id = ENV_IDS[env]
-    cfg = ControlConfig(**{
+    cfg = from_dict(ControlConfig, {  # from_dict: the --set-json values are type-checked like a config.yaml's
         **PRESETS[env_id], "seed": seed, "total_steps": steps, "eval_every": eval_every,
-        "eval_episodes": EVAL_EPISODES[env],
+        "eval_episodes": eval_episodes or EVAL_EPISODES[env],
         "checkpoint_every": 0, "tensorboard": False, "threads": 1, "grad_backend": grad_backend,
-    })
+        **(overrides or {}),
+    }, source="--set-json")
     tmp = Path(tempfile.mkdtemp(prefix=f"proxrl_bench_{env}_"))
+    resolved = _record_grad_backend()
     eval_cpu = [0.0]
-    if env == "breakout":  # learner CPU seconds exclude the (untimed) evaluation, as train_seconds does
+    if True:  # CPU seconds of the train() call exclude the (untimed) evaluation, as train_seconds does
         from proxrl.control.evaluate import Evaluator
 
         evaluate = Evaluator.evaluate
@@ -182,6 +214,11 @@ def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = 
         "evals": evals,
         "final_eval_mean": float(final["eval_return_mean"]),
         "final_eval_std": float(final["eval_return_std"]),
+        "updates": math.ceil(last["global_step"] / (cfg.num_envs * cfg.rollout_steps)),
+        "num_envs": cfg.num_envs,
+        "grad_backend_used": resolved[0] if resolved else None,  # what auto resolved to
+        "train_cpu_seconds": learner_cpu,  # process CPU time of train() less evaluations (set-up included)
+        "config": dataclasses.asdict(cfg),
     }
     if env == "breakout":
         out.update(frames=4 * out["steps"], frames_per_second=4 * out["steps_per_second"],
@@ -198,6 +235,8 @@ def main() -> None:
     p.add_argument("steps", type=int)
     p.add_argument("out")
     p.add_argument("--eval-every", type=int, default=5000)
+    p.add_argument("--eval-episodes", type=int, default=None, help="final/periodic evaluation episodes (default: per env)")
+    p.add_argument("--set-json", default=None, help="JSON object of ControlConfig overrides, applied last")
     p.add_argument("--profile", default=None, help="write a cProfile of the train() call to this file")
     p.add_argument("--breakdown", action="store_true", help="time the stages of the loop (rollout, update, ...)")
     p.add_argument("--grad-backend", choices=("auto", "numpy", "autograd"), default="auto",
@@ -205,8 +244,15 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     import_seconds = time.perf_counter() - T_START
-    res = run(a.env, a.seed, a.steps, a.eval_every, a.profile, a.breakdown, a.grad_backend)
-    res.update(side="proxrl", env=a.env, seed=a.seed, grad_backend=a.grad_backend, import_seconds=import_seconds,
+    overrides = json.loads(a.set_json) if a.set_json else {}
+    if not isinstance(overrides, dict):
+        p.error(f"--set-json={a.set_json!r} must be a JSON object")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ControlConfig)})
+    if unknown:
+        p.error(f"--set-json: {', '.join(unknown)} is not a ControlConfig field")
+    res = run(a.env, a.seed, a.steps, a.eval_every, a.profile, a.breakdown, a.grad_backend, a.eval_episodes, overrides)
+    res.update(side="proxrl", env=a.env, seed=a.seed, grad_backend=a.grad_backend, overrides=overrides,
+               import_seconds=import_seconds,
                process_seconds=time.perf_counter() - T_START)
     Path(a.out).write_text(json.dumps(res))
 

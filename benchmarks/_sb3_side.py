@@ -21,15 +21,26 @@ The workloads are rl-baselines3-zoo's tuned PPO settings, exactly as the peers' 
   vf_coef=0.25`` (SB3's value loss is the plain MSE: 0.25 = proxrl's value_coef 0.5 of 0.5*MSE),
   ``max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95``. STEPS are agent steps (4 frames each); no evaluation
   (``final_eval_mean`` is NaN). Reported: whole-loop frames/s (``learn``'s wall time, env start-up excluded).
+* ``halfcheetah``: ``HalfCheetah-v5`` with rl-baselines3-zoo's tuned ``HalfCheetah-v4`` entry (hyperparams/ppo.yml),
+  exactly as the zoo builds it: ``make_vec_env(n_envs=1)`` (``DummyVecEnv`` + ``Monitor``) in
+  ``VecNormalize(gamma=0.98)`` (obs and reward, clip 10), ``MlpPolicy`` with ``n_steps=512, batch_size=64,
+  n_epochs=20, learning_rate=2.0633e-5, gamma=0.98, gae_lambda=0.92, clip_range=0.1, ent_coef=0.000401762,
+  vf_coef=0.58096, max_grad_norm=0.8`` and ``policy_kwargs=dict(log_std_init=-2, ortho_init=False,
+  activation_fn=nn.ReLU, net_arch=dict(pi=[256, 256], vf=[256, 256]))``. No evaluation during training; after
+  ``learn`` (not timed) ``evaluate_policy(deterministic=True)`` over ``--eval-episodes`` (10) episodes on a fresh
+  env in ``VecNormalize(training=False, norm_reward=False)`` carrying the training env's observation
+  statistics (frozen): the returns are the raw env rewards (``Monitor``).
 
 Both set ``torch.set_num_threads(1)``; the parent sets ``OMP_WAIT_POLICY=PASSIVE`` in the environment.
 
-Usage: ``python benchmarks/_sb3_side.py {cartpole,pendulum,breakout} SEED STEPS OUT.json [--eval-every 5000]``
+Usage: ``python benchmarks/_sb3_side.py {cartpole,pendulum,breakout,halfcheetah} SEED STEPS OUT.json
+[--eval-every 5000] [--eval-episodes 10]``
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -162,13 +173,56 @@ def run_breakout(seed: int, steps: int) -> dict:
     }
 
 
+HALFCHEETAH_EVAL_SEED_OFFSET = 10_000  # evaluation env seed = training seed + this (a stream of its own)
+
+
+def run_halfcheetah(seed: int, steps: int, eval_episodes: int) -> dict:
+    from torch import nn
+
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    gamma = 0.98
+    env = VecNormalize(make_vec_env("HalfCheetah-v5", n_envs=1, seed=seed), gamma=gamma)  # zoo: normalize + gamma
+    model = PPO(
+        "MlpPolicy", env, n_steps=512, batch_size=64, n_epochs=20, learning_rate=2.0633e-5, gamma=gamma,
+        gae_lambda=0.92, clip_range=0.1, ent_coef=0.000401762, vf_coef=0.58096, max_grad_norm=0.8,
+        policy_kwargs=dict(log_std_init=-2, ortho_init=False, activation_fn=nn.ReLU,
+                           net_arch=dict(pi=[256, 256], vf=[256, 256])),
+        seed=seed, verbose=0, device="cpu",
+    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.learn(steps)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    eval_env = VecNormalize(make_vec_env("HalfCheetah-v5", n_envs=1, seed=seed + HALFCHEETAH_EVAL_SEED_OFFSET),
+                            training=False, norm_reward=False, gamma=gamma)
+    eval_env.obs_rms = env.obs_rms.copy()  # frozen training statistics
+    t = time.perf_counter()
+    returns, lengths = evaluate_policy(model, eval_env, n_eval_episodes=eval_episodes, deterministic=True,
+                                       return_episode_rewards=True)
+    eval_seconds = time.perf_counter() - t
+    return {
+        "steps": int(model.num_timesteps),
+        "train_seconds": wall,
+        "train_cpu_seconds": cpu,
+        "steps_per_second": model.num_timesteps / wall,
+        "updates": int(model._n_updates // model.n_epochs),
+        "parameters": sum(p.numel() for p in model.policy.parameters()),
+        "final_eval_mean": float(statistics.fmean(returns)),
+        "final_eval_std": float(statistics.pstdev(returns)),
+        "final_eval_returns": [float(r) for r in returns],
+        "final_eval_lengths": [int(n) for n in lengths],
+        "eval_seconds": eval_seconds,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("env", choices=("cartpole", "pendulum", "breakout"))
+    p.add_argument("env", choices=("cartpole", "pendulum", "breakout", "halfcheetah"))
     p.add_argument("seed", type=int)
     p.add_argument("steps", type=int)
     p.add_argument("out")
     p.add_argument("--eval-every", type=int, default=5000)
+    p.add_argument("--eval-episodes", type=int, default=10, help="halfcheetah: final deterministic evaluation episodes")
     a = p.parse_args()
     torch.set_num_threads(1)
     import_seconds = time.perf_counter() - T_START
@@ -176,6 +230,8 @@ def main() -> None:
         res = run_cartpole(a.seed, a.steps, a.eval_every)
     elif a.env == "pendulum":
         res = run_pendulum(a.seed, a.steps)
+    elif a.env == "halfcheetah":
+        res = run_halfcheetah(a.seed, a.steps, a.eval_episodes)
     else:
         res = run_breakout(a.seed, a.steps)
     res.update(side="sb3", env=a.env, seed=a.seed, import_seconds=import_seconds,

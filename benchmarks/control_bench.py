@@ -15,6 +15,17 @@ Workloads (rl-baselines3-zoo's tuned PPO hyperparameters, identical on both side
   512 features, linear heads) and CleanRL ``ppo_atari`` hyperparameters on both sides, each side's own Atari
   preprocessing (proxrl: Gymnasium's wrappers in 8 ``AsyncVectorEnv`` processes; SB3: ``AtariWrapper`` in a
   ``SubprocVecEnv`` of 8 + ``VecFrameStack``), 1 torch thread. No evaluation is timed.
+* **HalfCheetah-v5** (``--env halfcheetah``, not part of ``all``; issue 9): rl-baselines3-zoo's tuned
+  ``HalfCheetah-v4`` PPO entry on both sides (1 env x 512 steps, batch 64, 20 epochs, lr 2.0633e-5, gamma 0.98,
+  lambda 0.92, clip 0.1, ent 0.000401762, SB3 vf_coef 0.58096 = proxrl value_coef 1.16192, max grad norm 0.8,
+  log std -2, ReLU pi/vf [256, 256], obs + reward normalisation), 1M env steps (``--quick``: 20,480),
+  ``--halfcheetah-seeds`` (3) seeds interleaved, ``--halfcheetah-sb3-seeds`` to run fewer SB3 seeds. SB3 runs
+  the zoo's ``ortho_init=False``; proxrl's preset cannot (its MLPs are always orthogonally initialised). No
+  evaluation during training; one deterministic evaluation of 10 episodes after it (observation statistics
+  frozen, raw rewards, not timed). Reported per seed: final return, training seconds (the training loop's wall
+  time) and CPU seconds; then means/medians, SB3/proxrl time ratio, return difference and issue 9's target
+  (return >= SB3's within one standard error of the difference of the means, from the pooled seed-to-seed s.d.;
+  mean training time <= 1/4 of SB3's), met or not.
 * **Env-only limit**: 100k CartPole steps of the native vector env (``gym.make_vec("CartPole-v1", 8,
   vectorization_mode="vector_entry_point")``, what proxrl steps) and of SB3's ``DummyVecEnv`` with 8 envs,
   random actions drawn beforehand: the steps/s no PPO on that env can beat.
@@ -30,6 +41,11 @@ Usage:
     python benchmarks/control_bench.py --env cartpole --seeds 5 --json /tmp/control.json
     python benchmarks/control_bench.py --quick              # smoke test: 1 seed, 20k / 8k steps
     python benchmarks/control_bench.py --env breakout --quick   # Breakout frames/s, 20k frames per side
+    python benchmarks/control_bench.py --env breakout --quick --proxrl-set vector_mode=native
+                                      # any ControlConfig field of the proxrl side (repeatable, YAML scalars)
+    python benchmarks/control_bench.py --env halfcheetah --json /tmp/hc.json   # 1M steps x 3 seeds per side
+    python benchmarks/control_bench.py --env halfcheetah --quick              # 20,480 steps, 1 seed per side
+    python benchmarks/control_bench.py --env halfcheetah --profile /tmp/hc.prof --halfcheetah-steps 20480
     python benchmarks/control_bench.py --profile /tmp/cartpole.prof   # where proxrl's CartPole time goes: a
                                       # stage-timer split of one run, then one run under cProfile
     python benchmarks/control_bench.py --backends numpy,autograd --seeds 3 --pendulum-seeds 3 --quick
@@ -52,14 +68,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SIDES = {"sb3": HERE / "_sb3_side.py", "proxrl": HERE / "_proxrl_control_side.py"}
-STEPS = {"cartpole": 100_000, "pendulum": 100_000, "breakout": 25_600}  # Breakout: agent steps (x4 frames)
-QUICK_STEPS = {"cartpole": 20_000, "pendulum": 8_192, "breakout": 5_120}
-EVAL_EVERY = {"cartpole": 5000, "pendulum": 0, "breakout": 0}
+STEPS = {"cartpole": 100_000, "pendulum": 100_000, "breakout": 25_600,  # Breakout: agent steps (x4 frames)
+         "halfcheetah": 1_000_000}
+QUICK_STEPS = {"cartpole": 20_000, "pendulum": 8_192, "breakout": 5_120, "halfcheetah": 20_480}
+EVAL_EVERY = {"cartpole": 5000, "pendulum": 0, "breakout": 0, "halfcheetah": 0}
+HALFCHEETAH_EVAL_EPISODES = 10
 TARGETS = {
     "cartpole_solve_seconds": 0.5,   # proxrl median training seconds to solve
     "cartpole_speedup": 6.0,         # SB3 / proxrl median seconds to solve
     "pendulum_return": -200.0,       # proxrl mean final evaluation
     "pendulum_wall_fraction": 0.25,  # proxrl mean training seconds / SB3's
+    "halfcheetah_wall_fraction": 0.25,  # issue 9: proxrl mean training seconds <= 1/4 of SB3's
 }
 
 
@@ -84,19 +103,54 @@ def _run_child(args: list[str]) -> dict:
     return res
 
 
-def run_side(side: str, env: str, seed: int, steps: int, grad_backend: str = "auto") -> dict:
+def run_side(side: str, env: str, seed: int, steps: int, grad_backend: str = "auto",
+             proxrl_set: dict | None = None) -> dict:
     extra = ["--grad-backend", grad_backend] if side == "proxrl" else []
+    if side == "proxrl" and proxrl_set:
+        extra += ["--set-json", json.dumps(proxrl_set)]
+    if env == "halfcheetah":
+        extra += ["--eval-episodes", str(HALFCHEETAH_EVAL_EPISODES)]
     return _run_child([str(SIDES[side]), "--eval-every", str(EVAL_EVERY[env]), *extra, env, str(seed), str(steps)])
 
 
-def compare_backends(env: str, seeds: int, steps: int, backends: list[str]) -> dict:
+def parse_proxrl_set(items: list[str]) -> dict:
+    """``["key=value", ...]`` -> ``{key: YAML scalar}``; keys must be ``ControlConfig`` fields (else UserError)."""
+    import dataclasses
+
+    import yaml
+
+    from proxrl.control import ControlConfig
+    from proxrl.errors import UserError
+
+    fields = {f.name for f in dataclasses.fields(ControlConfig)}
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"--proxrl-set {item!r}: use KEY=VALUE, e.g. --proxrl-set vector_mode=native")
+        if key not in fields:
+            raise UserError(f"--proxrl-set {item!r}: {key!r} is not a ControlConfig field (see proxrl train --help)")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(parsed, str) and parsed.strip().lower() in ("none", "null"):
+            parsed = None
+        if isinstance(parsed, (dict, list)):
+            raise UserError(f"--proxrl-set {item!r}: the value must be a scalar (number, true/false, none or text)")
+        out[key] = parsed
+    return out
+
+
+def compare_backends(env: str, seeds: int, steps: int, backends: list[str], proxrl_set: dict | None = None) -> dict:
     """proxrl's env-steps/s (rollouts + updates + logging, evaluation excluded) per gradient backend, the
     backends interleaved per seed (order reversed on odd seeds) so that machine load hits them alike."""
     runs = []
     for i in range(seeds):
         for backend in (backends if i % 2 == 0 else backends[::-1]):
             load = os.getloadavg()[0]
-            r = run_side("proxrl", env, i, steps, backend)
+            r = run_side("proxrl", env, i, steps, backend, proxrl_set)
             r.update(backend=backend, loadavg_before=load, loadavg_after=os.getloadavg()[0])
             print(f"  {env} seed {i} {backend:>8}: {r['steps_per_second']:.0f} env-steps/s, train {r['train_seconds']:.2f} s, "
                   f"final eval {r['final_eval_mean']:.1f} (load {load:.2f} -> {r['loadavg_after']:.2f})", flush=True)
@@ -266,19 +320,123 @@ def report_breakout(runs: list[dict], frames: int) -> dict:
     return summary
 
 
+def _sem(values: list[float]) -> float:
+    """Standard error of the mean over seeds (NaN with fewer than 2)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 2 else math.nan
+
+
+def report_halfcheetah(runs: list[dict], steps: dict[str, int]) -> dict:
+    """Per-seed table, per-side means/medians, SB3/proxrl time ratio, return difference and issue 9's target."""
+    eps = HALFCHEETAH_EVAL_EPISODES
+    print(f"\nHalfCheetah-v5 (rl-zoo tuned hyperparameters on both sides; env steps: "
+          f"{', '.join(f'{k} {v}' for k, v in steps.items())}; final deterministic eval of {eps} episodes, "
+          f"obs statistics frozen, not timed)")
+    print("(train s: the training loop's wall time; CPU s: the training process's CPU time over the same span, "
+          "less sensitive to other load on the machine)")
+    print(f"{'seed':>4} {'side':>7} {'final return':>14} {'train s':>8} {'CPU s':>8} {'steps/s':>8} {'process s':>9} "
+          f"{'load':>12}")
+    for r in runs:
+        print(f"{r['seed']:>4} {r['side']:>7} {r['final_eval_mean']:>8.1f} +-{r['final_eval_std']:>4.0f} "
+              f"{r['train_seconds']:>8.1f} {r.get('train_cpu_seconds', math.nan):>8.1f} {r['steps_per_second']:>8.0f} "
+              f"{r['child_wall_seconds']:>9.1f} {r['loadavg_before']:>5.2f}->{r['loadavg_after']:<5.2f}")
+    summary: dict = {}
+    for side in ("sb3", "proxrl"):
+        rs = [r for r in runs if r["side"] == side]
+        if not rs:
+            continue
+        rets, secs = [r["final_eval_mean"] for r in rs], [r["train_seconds"] for r in rs]
+        summary[side] = {
+            "runs": len(rs),
+            "mean_final_eval": statistics.fmean(rets),
+            "median_final_eval": _median(rets),
+            "sem_final_eval": _sem(rets),
+            "mean_train_seconds": statistics.fmean(secs),
+            "median_train_seconds": _median(secs),
+            "mean_train_cpu_seconds": statistics.fmean(r.get("train_cpu_seconds", math.nan) for r in rs),
+            "median_steps_per_second": _median([r["steps_per_second"] for r in rs]),
+        }
+        s_ = summary[side]
+        print(f"{'mean':>4} {side:>7} {s_['mean_final_eval']:>14.1f} {s_['mean_train_seconds']:>8.1f} "
+              f"{s_['mean_train_cpu_seconds']:>8.1f} {s_['median_steps_per_second']:>8.0f}   (median return {s_['median_final_eval']:.1f}, "
+              f"s.e.m. {s_['sem_final_eval']:.1f}; median train s {s_['median_train_seconds']:.1f}; {len(rs)} seeds)")
+    if "sb3" in summary and "proxrl" in summary:
+        sb, px = summary["sb3"], summary["proxrl"]
+        diff = px["mean_final_eval"] - sb["mean_final_eval"]
+        # seed noise: the pooled seed-to-seed standard deviation of both sides (usable with one seed on a side)
+        groups = [[r["final_eval_mean"] for r in runs if r["side"] == side] for side in ("sb3", "proxrl")]
+        dof = sum(len(g) - 1 for g in groups)
+        pooled_sd = math.sqrt(sum((len(g) - 1) * statistics.variance(g) for g in groups if len(g) >= 2) / dof) \
+            if dof > 0 else math.nan
+        se_diff = pooled_sd * math.sqrt(1 / sb["runs"] + 1 / px["runs"])
+        ratios = {
+            "train_seconds_sb3_over_proxrl_means": sb["mean_train_seconds"] / px["mean_train_seconds"],
+            "train_seconds_sb3_over_proxrl_medians": sb["median_train_seconds"] / px["median_train_seconds"],
+            "train_seconds_proxrl_over_sb3_means": px["mean_train_seconds"] / sb["mean_train_seconds"],
+            "train_cpu_seconds_sb3_over_proxrl_means": sb["mean_train_cpu_seconds"] / px["mean_train_cpu_seconds"],
+            "return_difference_proxrl_minus_sb3_means": diff,
+            "return_difference_proxrl_minus_sb3_medians": px["median_final_eval"] - sb["median_final_eval"],
+            "return_pooled_seed_sd": pooled_sd,
+            "return_difference_standard_error": se_diff,
+        }
+        summary["ratios"] = ratios
+        print(f"ratios: training seconds SB3/proxrl = {ratios['train_seconds_sb3_over_proxrl_means']:.2f}x (means), "
+              f"{ratios['train_seconds_sb3_over_proxrl_medians']:.2f}x (medians), CPU seconds SB3/proxrl "
+              f"{ratios['train_cpu_seconds_sb3_over_proxrl_means']:.2f}x (means); return proxrl - SB3 = {diff:+.1f} "
+              f"(means; pooled seed s.d. {pooled_sd:.1f}, s.e. of the difference {se_diff:.1f}), "
+              f"{ratios['return_difference_proxrl_minus_sb3_medians']:+.1f} (medians)")
+        # "within seed noise": not below SB3's mean by more than one standard error of the difference of the means
+        # (pooled s.d. x sqrt(1/n_sb3 + 1/n_proxrl)); with one seed on both sides: proxrl's return must be >= SB3's
+        ok_ret = diff >= (-se_diff if math.isfinite(se_diff) else 0.0)
+        ok_time = ratios["train_seconds_proxrl_over_sb3_means"] <= TARGETS["halfcheetah_wall_fraction"]
+        summary["targets"] = {"return": ok_ret, "time": ok_time}
+        print(f"issue 9 target: return >= SB3's within seed noise (mean difference >= -1 s.e.): "
+              f"{'met' if ok_ret else 'NOT met'}; training time <= {TARGETS['halfcheetah_wall_fraction']} x SB3's "
+              f"(means: {ratios['train_seconds_proxrl_over_sb3_means']:.3f}): {'met' if ok_time else 'NOT met'}; "
+              f"overall {'met' if ok_ret and ok_time else 'NOT met'}")
+        if steps.get("sb3") != steps.get("proxrl"):
+            print("note: the two sides ran different step counts; the comparison is not like for like")
+    return summary
+
+
 # ================================================================================ main
-def _interleaved(env: str, seeds: int, steps: int, sides: list[str]) -> list[dict]:
+def _interleaved(env: str, seeds: int, steps: int, sides: list[str], proxrl_set: dict | None = None) -> list[dict]:
     runs = []
     for i in range(seeds):
         order = sides if i % 2 == 0 else sides[::-1]
         for side in order:
             load = os.getloadavg()[0]
-            r = run_side(side, env, i, steps)
+            r = run_side(side, env, i, steps, proxrl_set=proxrl_set)
             r["loadavg_before"], r["loadavg_after"] = load, os.getloadavg()[0]
             print(f"  {env} seed {i} {side}: train {r['train_seconds']:.2f} s, "
                   f"solved@{r.get('solved_step')}, final eval {r['final_eval_mean']:.1f} "
                   f"(process {r['child_wall_seconds']:.1f} s; load {r['loadavg_before']:.2f} -> {r['loadavg_after']:.2f})", flush=True)
             runs.append(r)
+    return runs
+
+
+def _interleaved_halfcheetah(seeds: dict[str, int], steps: dict[str, int], sides: list[str],
+                             proxrl_set: dict | None = None, partial=None) -> list[dict]:
+    """Seed i of each side in turn (SB3 first on even i, proxrl first on odd i); a side stops at its seed count.
+
+    ``partial(runs)``, if given, is called after every run (the long benchmark saves what it has so far).
+    """
+    runs = []
+    for i in range(max(seeds[s] for s in sides)):
+        for side in (sides if i % 2 == 0 else sides[::-1]):
+            if i >= seeds[side]:
+                continue
+            load = os.getloadavg()[0]
+            print(f"  [{time.strftime('%H:%M:%S')}] halfcheetah seed {i} {side}: {steps[side]} steps ...", flush=True)
+            r = run_side(side, "halfcheetah", i, steps[side], proxrl_set=proxrl_set)
+            r["loadavg_before"], r["loadavg_after"] = load, os.getloadavg()[0]
+            backend = f", {r['grad_backend_used']} gradient" if r.get("grad_backend_used") else ""
+            print(f"  halfcheetah seed {i} {side}: final return {r['final_eval_mean']:.1f} +- {r['final_eval_std']:.0f}, "
+                  f"train {r['train_seconds']:.1f} s ({r['steps_per_second']:.0f} steps/s{backend}; process "
+                  f"{r['child_wall_seconds']:.1f} s; load {r['loadavg_before']:.2f} -> {r['loadavg_after']:.2f})",
+                  flush=True)
+            runs.append(r)
+            if partial is not None:
+                partial(runs)
     return runs
 
 
@@ -308,8 +466,10 @@ def print_breakdown(r: dict) -> dict:
     rows += upd
     rows.append(("metrics logging", g("log", 0.0), calls.get("log", 0)))
     rows.append(("train loop other (schedules, rows, timers)", total - sum(v for _, v, _ in rows), 0))
-    print(f"\nproxrl CartPole-v1 seed {r['seed']}: {r['steps']} steps, train_seconds {total:.3f} "
-          f"({r['steps'] / total:.0f} steps/s); {vsteps} vector env steps (8 envs), {mb} minibatch steps")
+    env_id = r.get("config", {}).get("env_id", "CartPole-v1")
+    print(f"\nproxrl {env_id} seed {r['seed']}: {r['steps']} steps, train_seconds {total:.3f} "
+          f"({r['steps'] / total:.0f} steps/s); {vsteps} vector env steps ({r.get('num_envs', 8)} envs), "
+          f"{mb} minibatch steps, {r.get('grad_backend_used') or '?'} gradient")
     print(f"{'stage':<46} {'seconds':>8} {'share':>6} {'us per':>12}")
     for name, sec, n in rows:
         unit = "vec step" if name.startswith("rollout") else "minibatch" if n == mb else "update" if n == n_upd else ""
@@ -321,13 +481,15 @@ def print_breakdown(r: dict) -> dict:
     return {name: sec for name, sec, _ in rows}
 
 
-def _profile(out: str, steps: int) -> dict:
+def _profile(out: str, steps: int, env: str = "cartpole", proxrl_set: dict | None = None) -> dict:
     import pstats
 
-    r = _run_child([str(SIDES["proxrl"]), "--breakdown", "cartpole", "0", str(steps)])
+    extra = ["--eval-every", str(EVAL_EVERY[env])] + (["--set-json", json.dumps(proxrl_set)] if proxrl_set else [])
+    r = _run_child([str(SIDES["proxrl"]), "--breakdown", *extra, env, "0", str(steps)])
     split = print_breakdown(r)
-    p = _run_child([str(SIDES["proxrl"]), "--profile", out, "cartpole", "0", str(steps)])
-    print(f"\ncProfile run: train_seconds {p['train_seconds']:.2f} (inflated by cProfile), solved at {p['solved_step']}")
+    p = _run_child([str(SIDES["proxrl"]), "--profile", out, *extra, env, "0", str(steps)])
+    print(f"\ncProfile run: train_seconds {p['train_seconds']:.2f} (inflated by cProfile), solved at {p['solved_step']}, "
+          f"final eval {p['final_eval_mean']:.1f}")
     stats = pstats.Stats(out)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(30)
@@ -336,15 +498,26 @@ def _profile(out: str, steps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env", choices=("cartpole", "pendulum", "breakout", "all"), default="all",
-                   help="all = cartpole + pendulum (breakout only when asked: minutes per run)")
+    p.add_argument("--env", choices=("cartpole", "pendulum", "breakout", "halfcheetah", "all"), default="all",
+                   help="all = cartpole + pendulum (breakout and halfcheetah only when asked: minutes per run)")
     p.add_argument("--seeds", type=int, default=5, help="CartPole seeds per side (default 5)")
     p.add_argument("--pendulum-seeds", type=int, default=3, help="Pendulum seeds per side (default 3)")
     p.add_argument("--breakout-seeds", type=int, default=1, help="Breakout seeds per side (default 1)")
+    p.add_argument("--halfcheetah-seeds", type=int, default=3, help="HalfCheetah seeds per side (default 3)")
+    p.add_argument("--halfcheetah-sb3-seeds", type=int, default=None,
+                   help="HalfCheetah seeds of the SB3 side only (default: --halfcheetah-seeds)")
+    p.add_argument("--halfcheetah-steps", type=int, default=None,
+                   help=f"HalfCheetah env steps per run (default {STEPS['halfcheetah']}; --quick {QUICK_STEPS['halfcheetah']})")
+    p.add_argument("--proxrl-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a ControlConfig field of the proxrl side, any env (repeatable; VALUE is a YAML "
+                        "scalar), e.g. --proxrl-set vector_mode=native")
     p.add_argument("--sides", default="sb3,proxrl", help="comma-separated subset of sb3,proxrl")
-    p.add_argument("--quick", action="store_true", help="smoke test: 1 seed each, 20k CartPole / 8k Pendulum steps")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 seed each, 20k CartPole / 8k Pendulum / 20k HalfCheetah steps")
     p.add_argument("--json", default=None, help="write all per-run results and the summary to this file")
-    p.add_argument("--profile", default=None, help="only profile one proxrl CartPole run (cProfile) into this file")
+    p.add_argument("--profile", default=None,
+                   help="only profile one proxrl run (CartPole, or the --env given: stage timers, then cProfile into "
+                        "this file)")
     p.add_argument("--backends", default=None,
                    help="proxrl only: compare these --grad-backend values (e.g. numpy,autograd) in env-steps/s")
     p.add_argument("--_envspeed", nargs=2, metavar=("OUT", "STEPS"), help=argparse.SUPPRESS)
@@ -352,20 +525,44 @@ def main() -> None:
     if a._envspeed:
         worker_envspeed(a._envspeed[0], int(a._envspeed[1]))
         return
-    steps = QUICK_STEPS if a.quick else STEPS
+    steps = dict(QUICK_STEPS if a.quick else STEPS)
+    if a.halfcheetah_steps is not None:
+        if a.halfcheetah_steps < 1:
+            p.error(f"--halfcheetah-steps={a.halfcheetah_steps} must be at least 1")
+        steps["halfcheetah"] = a.halfcheetah_steps
+    for name in ("halfcheetah_seeds", "halfcheetah_sb3_seeds"):
+        if getattr(a, name) is not None and getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')}={getattr(a, name)} must be >= 0")
+    from proxrl.errors import UserError
+
+    try:
+        proxrl_set = parse_proxrl_set(a.proxrl_set)
+        if proxrl_set:  # type-check the values now, not after the first SB3 run: the preset of each env + them
+            from proxrl.config import from_dict
+            from proxrl.control import PRESETS, ControlConfig
+
+            env_ids = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1", "breakout": "ALE/Breakout-v5",
+                       "halfcheetah": "HalfCheetah-v5"}
+            for env in (("cartpole", "pendulum") if a.env == "all" else (a.env,)):
+                from_dict(ControlConfig, {**PRESETS[env_ids[env]], **proxrl_set}, source="--proxrl-set")
+    except UserError as e:
+        p.error(str(e))
+    if proxrl_set:
+        print(f"proxrl overrides: {proxrl_set}", flush=True)
     if a.backends:
         backends = [b for b in a.backends.split(",") if b]
         if not backends or any(b not in ("auto", "numpy", "autograd") for b in backends):
             p.error(f"--backends={a.backends!r}: use a comma-separated subset of auto,numpy,autograd")
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}  cpus={os.cpu_count()}  load average at start "
               f"{os.getloadavg()[0]:.2f}", flush=True)
-        res = {env: compare_backends(env, n, steps[env], backends)
+        res = {env: compare_backends(env, n, steps[env], backends, proxrl_set)
                for env, n in (("cartpole", a.seeds), ("pendulum", a.pendulum_seeds)) if a.env in (env, "all")}
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1, default=lambda x: None))
         return
     if a.profile:
-        res = _profile(a.profile, steps["cartpole"])
+        penv = "cartpole" if a.env == "all" else a.env
+        res = _profile(a.profile, steps[penv], penv, proxrl_set)
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1))
         return
@@ -391,6 +588,8 @@ def main() -> None:
         "stable_baselines3": stable_baselines3.__version__,
         "loadavg_start": os.getloadavg(),
         "quick": a.quick,
+        "proxrl_set": proxrl_set,
+        "argv": sys.argv[1:],
     }
     print(f"{meta['date']}  cpus={meta['host_cpus']}  torch {meta['torch']}  gymnasium {meta['gymnasium']}  "
           f"SB3 {meta['stable_baselines3']}  load average at start {meta['loadavg_start'][0]:.2f}", flush=True)
@@ -403,20 +602,34 @@ def main() -> None:
             limit = json.loads(out.read_text())
         print(f"  env-only limit: native {limit['native_vector_env']:.0f} steps/s, "
               f"SB3 DummyVecEnv {limit['sb3_dummy_vec_env']:.0f} steps/s", flush=True)
-        runs = _interleaved("cartpole", seeds, steps["cartpole"], sides)
+        runs = _interleaved("cartpole", seeds, steps["cartpole"], sides, proxrl_set)
         results["cartpole"] = {"runs": runs, "env_only_limit": limit}
     if a.env in ("pendulum", "all"):
-        runs = _interleaved("pendulum", pseeds, steps["pendulum"], sides)
+        runs = _interleaved("pendulum", pseeds, steps["pendulum"], sides, proxrl_set)
         results["pendulum"] = {"runs": runs}
     if a.env == "breakout":
-        runs = _interleaved("breakout", a.breakout_seeds, steps["breakout"], sides)
+        runs = _interleaved("breakout", a.breakout_seeds, steps["breakout"], sides, proxrl_set)
         results["breakout"] = {"runs": runs, "summary": report_breakout(runs, 4 * steps["breakout"])}
+    if a.env == "halfcheetah":
+        n = 1 if a.quick else a.halfcheetah_seeds
+        hc_seeds = {"proxrl": n, "sb3": n if a.halfcheetah_sb3_seeds is None else a.halfcheetah_sb3_seeds}
+        hc_steps = {side: steps["halfcheetah"] for side in sides}
+        def partial(done: list[dict]) -> None:
+            if a.json:
+                Path(a.json).write_text(json.dumps({**results, "halfcheetah": {"runs": done, "partial": True}},
+                                                   indent=1, default=lambda x: None))
+
+        runs = _interleaved_halfcheetah(hc_seeds, hc_steps, sides, proxrl_set, partial)
+        results["halfcheetah"] = {"runs": runs, "seeds": {s_: hc_seeds[s_] for s_ in sides}, "steps": hc_steps}
     meta["loadavg_end"] = os.getloadavg()
     if "cartpole" in results:
         c = results["cartpole"]
         c["summary"] = report_cartpole(c["runs"], steps["cartpole"], c["env_only_limit"])
     if "pendulum" in results:
         results["pendulum"]["summary"] = report_pendulum(results["pendulum"]["runs"], steps["pendulum"])
+    if "halfcheetah" in results:
+        h = results["halfcheetah"]
+        h["summary"] = report_halfcheetah(h["runs"], h["steps"])
     print(f"\nload average (1 min) at start {meta['loadavg_start'][0]:.2f}, at end {meta['loadavg_end'][0]:.2f} "
           f"on {meta['host_cpus']} cpus")
     if a.json:
