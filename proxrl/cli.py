@@ -327,7 +327,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue RUN_DIR from its last checkpoint (exactly as if never interrupted) with its saved "
                         "config; only --total-steps (not below the steps done), --target-return, --eval-every, "
-                        "--eval-episodes, --checkpoint-every, --keep-checkpoints, --threads, --tensorboard, "
+                        "--eval-episodes, --eval-deterministic, --checkpoint-every, --keep-checkpoints, --threads, "
+                        "--tensorboard, "
                         "--device and --video-every may change (and the number of torchrun processes)")
     sources = (_lazy_cls("proxrl.control.presets", "PRESET_SOURCES") or {}) if want("train") else {}
     p.add_argument("--no-preset", action="store_true",

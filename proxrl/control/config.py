@@ -128,8 +128,13 @@ class ControlConfig:
     hidden_sizes: str = opt("64,64", "Hidden layer widths of the separate actor and critic MLPs (CleanRL default '64,64').")
     activation: Literal["tanh", "relu"] = opt("tanh", "Hidden activation of both MLPs (CleanRL and SB3 default tanh).")
     init_log_std: float = opt(0.0, "Initial log std of the Gaussian policy for Box actions (CleanRL and SB3 default 0).")
-    eval_every: int = opt(10_000, "Run a deterministic evaluation every this many env steps; 0 = only at the end.")
+    eval_every: int = opt(10_000, "Run an evaluation every this many env steps; 0 = only at the end.")
     eval_episodes: int = opt(10, "Episodes per evaluation (deterministic policy: argmax / mean action).")
+    eval_deterministic: bool = opt(
+        True,
+        "Evaluate the greedy policy (argmax / mean action); false samples actions from the policy with a seeded "
+        "generator, as rl-baselines3-zoo evaluates Atari (greedy Atari policies often stall).",
+    )
     target_return: float | None = opt(
         None,
         "Stop training at the first evaluation whose mean return reaches this (like SB3's "
@@ -179,7 +184,8 @@ class ControlConfig:
     }
     # What a --resume may change: the budget, evaluation, checkpointing and logging, never the learning itself.
     resumable_fields: ClassVar[frozenset[str]] = frozenset({
-        "total_steps", "target_return", "eval_every", "eval_episodes", "checkpoint_every", "keep_checkpoints",
+        "total_steps", "target_return", "eval_every", "eval_episodes", "eval_deterministic", "checkpoint_every",
+        "keep_checkpoints",
         "threads", "tensorboard", "device", "video_every",
     })
 

@@ -1,4 +1,5 @@
-"""Deterministic evaluation: greedy actions (argmax of the logits / Gaussian mean), frozen obs-norm stats.
+"""Evaluation: greedy actions (argmax of the logits / Gaussian mean; ``deterministic=False``: actions sampled
+with a generator seeded from the evaluation seed), frozen obs-norm stats.
 
 Each evaluation runs ``episodes`` episodes on a separate vector env with ``min(episodes, 32)`` sub-envs,
 counting only the **first** episode of each sub-env per round (so short episodes are not over-represented),
@@ -15,16 +16,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from proxrl.control.checkpointing import load_agent
 from proxrl.control.envs import EnvFactory, SpaceInfo, derive_seed, env_call, make_vector_env
+from proxrl.control.rollout import policy_forward
 from proxrl.control.running_stats import ObsNormalizer
 from proxrl.errors import UserError
 
 __all__ = ["Evaluator", "eval_seed", "evaluate_run"]
 
 EVAL_ENV_STREAM = 3  # derive_seed stream of the evaluation envs (train.py numbers the other streams)
+SAMPLING_SUBSTREAM = 1  # derive_seed(seed, round, this): the action noise of a sampled (non-greedy) evaluation
 
 
 def eval_seed(seed: int) -> int:
@@ -38,8 +41,10 @@ MAX_EPISODE_STEPS = 100_000  # guard against envs without a time limit
 class Evaluator:
     """Holds an evaluation vector env open across evaluations."""
 
-    def __init__(self, env_id: str, episodes: int, vector_mode: str = "auto", env_fn: EnvFactory | None = None) -> None:
+    def __init__(self, env_id: str, episodes: int, vector_mode: str = "auto", env_fn: EnvFactory | None = None,
+                 deterministic: bool = True) -> None:
         self.episodes = episodes
+        self.deterministic = deterministic
         self.env_id = env_id
         self.num_envs = min(episodes, MAX_EVAL_ENVS)
         self.venv, self.info = make_vector_env(env_id, self.num_envs, vector_mode, env_fn, evaluation=True)
@@ -51,7 +56,8 @@ class Evaluator:
     def evaluate(
         self, policy: nn.Module, obs_norm: ObsNormalizer, seed: int, record: list[np.ndarray] | None = None
     ) -> dict:
-        """``{"mean_return", "std_return", "returns", "lengths"}`` over ``self.episodes`` greedy episodes.
+        """``{"mean_return", "std_return", "returns", "lengths"}`` over ``self.episodes`` episodes (greedy, or
+        sampled from a generator seeded with ``(seed, round)`` when ``self.deterministic`` is false).
 
         ``policy`` acts on its own device. ``record``: if a list, the raw observations ``(k, *obs_shape)`` of
         the counted episodes are appended to it.
@@ -66,6 +72,7 @@ class Evaluator:
         while len(returns) < self.episodes:
             need = min(n, self.episodes - len(returns))
             obs, _ = env_call(self.env_id, "reset", self.venv.reset, seed=derive_seed(seed, round_))
+            rng = None if self.deterministic else np.random.default_rng(derive_seed(seed, round_, SAMPLING_SUBSTREAM))
             ep_ret = np.zeros(n, np.float64)
             ep_len = np.zeros(n, np.int64)
             finished = np.zeros(n, dtype=bool)
@@ -74,7 +81,7 @@ class Evaluator:
                 if record is not None:
                     record.append(obs[:need][~finished[:need]].copy())
                 obs_norm(obs, self._obs, update=False)
-                action = policy.deterministic_action(torch.from_numpy(self._obs).to(device)).cpu().numpy()
+                action = _act(policy, dist, torch.from_numpy(self._obs).to(device), rng)
                 if info.action_low is not None:
                     action = np.clip(action, info.action_low, info.action_high)
                 else:
@@ -102,11 +109,23 @@ class Evaluator:
         }
 
 
+def _act(policy: nn.Module, dist: Any, obs: Tensor, rng: np.random.Generator | None) -> np.ndarray:
+    """Actions for ``obs`` ``(n, *obs_shape)``: the distribution's mode, or a sample from ``rng``'s noise."""
+    if rng is None:
+        return policy.deterministic_action(obs).cpu().numpy()
+    with torch.inference_mode():
+        out, _ = policy_forward(policy, obs)
+        noise = torch.from_numpy(dist.noise(rng, obs.shape[0])).to(obs.device)
+        action, _ = dist.sample_from_noise(out, None if dist.discrete else policy.log_std, noise)
+    return action.cpu().numpy()
+
+
 def evaluate_run(
     run_dir: str | Path, episodes: int | None = None, seed: int | None = None, env_fn: EnvFactory | None = None,
     device: str = "auto", video: int = 0, video_format: str = "auto",
 ) -> dict[str, Any]:
-    """Evaluate the latest checkpoint of ``run_dir`` deterministically (greedy actions, frozen obs stats).
+    """Evaluate the latest checkpoint of ``run_dir`` as training evaluated it (greedy actions unless the run's
+    ``eval_deterministic`` is false; frozen obs stats).
 
     ``episodes=None`` and ``seed=None`` use the run's own ``eval_episodes`` and evaluation seed
     (:func:`eval_seed`), so by default this reproduces the ``eval_return_mean`` logged at that checkpoint.
@@ -136,7 +155,8 @@ def evaluate_run(
         videos = [str(p) for p in record_policy_episodes(
             agent.policy, agent.obs_norm, agent.cfg.env_id, Path(run_dir) / "videos", episodes=video, seed=seed,
             env_fn=env_fn, fmt=video_format, name_prefix=f"eval-step-{agent.state.get('global_step', 0)}")]
-    evaluator = Evaluator(agent.cfg.env_id, episodes, agent.cfg.vector_mode, env_fn)
+    evaluator = Evaluator(agent.cfg.env_id, episodes, agent.cfg.vector_mode, env_fn,
+                          deterministic=agent.cfg.eval_deterministic)
     try:
         result = evaluator.evaluate(agent.policy, agent.obs_norm, seed)
     finally:

@@ -118,13 +118,14 @@ PRESETS.update({
     # 4 minibatches, 4 epochs, lr 2.5e-4 annealed linearly, clip 0.1 (constant) also used to clip the value
     # loss (clip_vloss), ent_coef 0.01, vf_coef 0.5 (of 0.5*MSE, as here), max_grad_norm 0.5, gamma 0.99,
     # gae_lambda 0.95, 1e7 agent steps (4e7 frames). Nature-CNN policy; preprocessing in proxrl.control.atari.
-    # Evaluation (whole games, deterministic): 5 games every 100k steps.
+    # Evaluation (whole games, sampled actions as rl-zoo's for Atari): 5 games every 100k steps.
     "ALE/Breakout-v5": {
         "env_id": "ALE/Breakout-v5", "total_steps": 10_000_000, "num_envs": 8, "rollout_steps": 128,
         "num_minibatches": 4, "epochs": 4, "learning_rate": 2.5e-4, "lr_schedule": "linear",
         "gamma": 0.99, "gae_lambda": 0.95, "clip_coef": 0.1, "clip_schedule": "constant",
         "value_clip_coef": 0.1, "entropy_coef": 0.01, "value_coef": 0.5, "max_grad_norm": 0.5,
         "normalize_advantages": True, "vector_mode": "async", "eval_every": 100_000, "eval_episodes": 5,
+        "eval_deterministic": False,  # rl-baselines3-zoo evaluates Atari with sampled actions
     },
 })
 

@@ -311,7 +311,8 @@ def _train(
                 stop = False
                 if main:
                     if evaluator is None:
-                        evaluator = Evaluator(cfg.env_id, cfg.eval_episodes, cfg.vector_mode, env_fn)
+                        evaluator = Evaluator(cfg.env_id, cfg.eval_episodes, cfg.vector_mode, env_fn,
+                                              deterministic=cfg.eval_deterministic)
                     last_eval = evaluator.evaluate(policy, obs_norm, eval_seed(cfg.seed))
                     row["eval_return_mean"] = last_eval["mean_return"]
                     row["eval_return_std"] = last_eval["std_return"]
