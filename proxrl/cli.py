@@ -110,9 +110,11 @@ def _eval(args: argparse.Namespace) -> None:
     from proxrl.control import evaluate_run
 
     r = evaluate_run(args.run_dir, episodes=args.episodes, seed=args.seed, device=args.device,
-                     video=args.video_episodes if args.video else 0, video_format=args.video_format)
+                     video=args.video_episodes if args.video else 0, video_format=args.video_format,
+                     deterministic=args.deterministic)
     print(f"eval {args.run_dir}: mean return {r['mean_return']:.2f} +- {r['std_return']:.2f} over {r['episodes']} "
-          f"episodes (seed {r['seed']}, {Path(r['checkpoint']).name}, device {r['device']})")
+          f"{'greedy' if r['deterministic'] else 'sampled'} episodes (seed {r['seed']}, "
+          f"{Path(r['checkpoint']).name}, device {r['device']})")
     for v in r["videos"]:
         print(f"video: {v}")
 
@@ -336,7 +338,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                         + "; ".join(f"{k} ({v})" for k, v in sources.items()))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = add("eval", _eval, "Deterministic evaluation of a control run's last checkpoint.", config_flag=False)
+    p = add("eval", _eval, "Evaluate a control run's last checkpoint (as its training evaluations did).",
+            config_flag=False)
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--episodes", type=int, default=None,
                    help="episodes to average (default: the run's eval_episodes)")
@@ -346,6 +349,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="where the policy acts: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps "
                         "(default: auto)")
+    p.add_argument("--sampled", dest="deterministic", action="store_const", const=False, default=None,
+                   help="sample actions from the policy (seeded) instead of the greedy action")
+    p.add_argument("--greedy", dest="deterministic", action="store_const", const=True,
+                   help="greedy actions (argmax / mean); default: the run's eval_deterministic")
     p.add_argument("--video", action="store_true",
                    help="also record greedy episodes as videos in RUN_DIR/videos (MP4 with moviepy, else GIF)")
     p.add_argument("--video-episodes", type=int, default=1, help="episodes to record with --video (default: 1)")

@@ -57,9 +57,13 @@ def test_eval_reproduces_the_logged_final_evaluation_by_default(tmp_path, capsys
     logged = read_metrics(run)[-1]["eval_return_mean"]
     code, out, err = run_cli(capsys, "eval", run)
     assert code == 0, err
-    assert f"mean return {logged:.2f} " in out and "over 3 episodes" in out, (logged, out)
+    assert f"mean return {logged:.2f} " in out and "over 3 greedy episodes" in out, (logged, out)
     code, out, _ = run_cli(capsys, "eval", run, "--seed", "12345")
     assert code == 0 and f"mean return {logged:.2f} " not in out  # another seed, other episodes
+    code, out, _ = run_cli(capsys, "eval", run, "--sampled")
+    assert code == 0 and "over 3 sampled episodes" in out and f"mean return {logged:.2f} " not in out
+    code, again, _ = run_cli(capsys, "eval", run, "--sampled")
+    assert again == out  # sampled, but from a seeded generator
 
 
 # ------------------------------------------------------------------------------------------------ item 4: seeds

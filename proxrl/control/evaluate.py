@@ -122,7 +122,7 @@ def _act(policy: nn.Module, dist: Any, obs: Tensor, rng: np.random.Generator | N
 
 def evaluate_run(
     run_dir: str | Path, episodes: int | None = None, seed: int | None = None, env_fn: EnvFactory | None = None,
-    device: str = "auto", video: int = 0, video_format: str = "auto",
+    device: str = "auto", video: int = 0, video_format: str = "auto", deterministic: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate the latest checkpoint of ``run_dir`` as training evaluated it (greedy actions unless the run's
     ``eval_deterministic`` is false; frozen obs stats).
@@ -132,8 +132,9 @@ def evaluate_run(
     ``env_fn`` is needed only for runs trained on a Python env factory. ``device``: where the policy acts
     (``auto|cpu|cuda|cuda:N|mps``). ``video``: also record this many greedy episodes (the first reset with
     ``seed``) as MP4/GIF files in ``run_dir/videos`` (``video_format``: auto, mp4 or gif;
-    :func:`proxrl.control.video.record_policy_episodes`). Returns ``{"mean_return", "std_return",
-    "episodes", "returns", "lengths", "checkpoint", "seed", "device", "videos"}``.
+    :func:`proxrl.control.video.record_policy_episodes`). ``deterministic``: greedy (True) or sampled (False)
+    actions, None = the run's ``eval_deterministic``. Returns ``{"mean_return", "std_return", "episodes",
+    "returns", "lengths", "checkpoint", "seed", "device", "videos", "deterministic"}``.
     """
     from proxrl import distributed as D
 
@@ -155,11 +156,11 @@ def evaluate_run(
         videos = [str(p) for p in record_policy_episodes(
             agent.policy, agent.obs_norm, agent.cfg.env_id, Path(run_dir) / "videos", episodes=video, seed=seed,
             env_fn=env_fn, fmt=video_format, name_prefix=f"eval-step-{agent.state.get('global_step', 0)}")]
-    evaluator = Evaluator(agent.cfg.env_id, episodes, agent.cfg.vector_mode, env_fn,
-                          deterministic=agent.cfg.eval_deterministic)
+    deterministic = agent.cfg.eval_deterministic if deterministic is None else deterministic
+    evaluator = Evaluator(agent.cfg.env_id, episodes, agent.cfg.vector_mode, env_fn, deterministic=deterministic)
     try:
         result = evaluator.evaluate(agent.policy, agent.obs_norm, seed)
     finally:
         evaluator.close()
     return {**result, "episodes": episodes, "checkpoint": str(agent.checkpoint), "seed": seed, "device": str(dev),
-            "videos": videos}
+            "videos": videos, "deterministic": deterministic}
