@@ -356,16 +356,24 @@ def test_ale_native_vector_env_preprocessing_and_seeding():
     assert (pair == first_frames(2, 11)).all()
 
 
-def test_native_vector_mode_for_atari_training_only():
+def test_native_vector_mode_for_atari_training_and_evaluation():
     _atari()
     from proxrl.control.envs import make_vector_env
 
     venv, info = make_vector_env("ALE/Breakout-v5", 2, "native")
     assert type(venv).__name__ == "AtariVectorEnv" and info.obs_kind == "image" and info.obs_shape == (4, 84, 84)
     venv.close()
-    venv, _ = make_vector_env("ALE/Breakout-v5", 1, "native", evaluation=True)  # whole games: Gymnasium's stack
-    assert isinstance(venv, gym.vector.AsyncVectorEnv)
+    venv, _ = make_vector_env("ALE/Breakout-v5", 1, "native", evaluation=True)  # whole games, raw rewards
+    assert type(venv).__name__ == "AtariVectorEnv"
+    venv.reset(seed=0)
+    lives = []
+    for t in range(3000):
+        _, r, terminated, truncated, info = venv.step(np.array([1 if t % 3 == 0 else t % 4]))
+        lives.append(int(info["lives"][0]))
+        if terminated[0] or truncated[0]:
+            break
     venv.close()
+    assert terminated[0] and lives[-1] == 0 and 5 in lives  # one episode = all five lives
     venv, _ = make_vector_env("ALE/Breakout-v5", 1, "auto")  # auto never picks AtariVectorEnv
     assert type(venv).__name__ != "AtariVectorEnv"
     venv.close()

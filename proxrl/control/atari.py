@@ -13,14 +13,17 @@ For an ``ALE/...`` id, :func:`make_atari_env` returns (innermost first)::
     ClipReward(-1, 1)                          training only: rewards clipped to [-1, 1] (= sign for Atari's integers)
     FrameStackObservation(4)                   observation (4, 84, 84) uint8, oldest frame first
 
-``vector_mode="native"`` (training envs only) instead steps ale-py's own vector env,
+``vector_mode="native"`` instead steps ale-py's own vector env,
 ``ale_py.vector_env.AtariVectorEnv`` (:func:`make_ale_vector_env`): the same preprocessing (no-op reset, frame
 skip with max-pool, 84x84 grey, 4-frame stack, life loss = end of episode and a new game, reward clipping, FIRE at
 reset, the id's sticky actions) done in C++ threads, ~5x the frames/s of ``async`` here. Two small differences,
 seen when both are stepped without no-ops or sticky actions: its frame stack starts zero-filled after a reset
 (Gymnasium's repeats the first frame) and its reset presses FIRE for one emulator frame (ours for a frame-skipped
-step). Evaluation envs are always the Gymnasium stack above (its FireReset presses FIRE again for a stalled
-greedy policy).
+step). A policy trained in one of the two is evaluated in the same one (whole games, raw rewards): the small
+differences in how a life starts are enough for an early policy to score in one and not in the other (seen:
+a mostly-LEFT policy after 125k steps, 0.81 points per life in ale-py's env, 0.25 in Gymnasium's). ale-py's env
+presses FIRE only at a reset, so a greedy policy that never fires can idle until the 108k-frame limit:
+evaluate such runs with sampled actions (``eval_deterministic=false``, the Atari preset's default).
 
 (Mnih et al. 2015; the same steps as CleanRL's ``ppo_atari.py`` and SB3's ``AtariWrapper``.) One difference
 from those: Gymnasium's ``terminal_on_life_loss`` restarts the game after a lost life, where SB3's
@@ -209,7 +212,8 @@ def atari_settings(env_id: str, settings: AtariSettings | None = None, vector_mo
         observation_dtype="uint8",
         wrappers=["AtariPreprocessing", *(["FireReset"] if s.fire_reset else []), "RecordEpisodeStatistics",
                   *(["ClipReward(-1, 1)"] if s.clip_rewards else []), "FrameStackObservation"],
-        training_envs=("ale_py.vector_env.AtariVectorEnv (the same preprocessing in C++)" if vector_mode == "native"
+        training_envs=("ale_py.vector_env.AtariVectorEnv (the same preprocessing in C++; evaluation too)"
+                       if vector_mode == "native"
                        else f"the wrappers above in a {'sync' if vector_mode == 'sync' else 'async'} vector env"),
         evaluation="whole games, raw rewards (no life-loss termination, no reward clipping); FIRE pressed again "
                    f"after {EVAL_REFIRE_AFTER} agent steps without a reward or a lost life",

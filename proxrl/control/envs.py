@@ -199,7 +199,7 @@ def make_vector_env(
     """Build a vector env in NEXT_STEP autoreset mode and check its spaces.
 
     ``mode``: ``"native"`` uses the id's ``vector_entry_point`` (UserError if it has none or it is not
-    NEXT_STEP) or, for Atari ids, ale-py's ``AtariVectorEnv`` (training envs; evaluation envs are async);
+    NEXT_STEP) or, for Atari ids, ale-py's ``AtariVectorEnv`` (evaluation: whole games, raw rewards);
     ``"sync"`` / ``"async"`` wrap ``num_envs`` single envs, ``"auto"`` = native when available (never for Atari).
     ``evaluation``: build evaluation envs (Atari: whole games, raw rewards).
     """
@@ -207,13 +207,13 @@ def make_vector_env(
     from proxrl.control.atari import is_atari
 
     if use_native and env_fn is None and is_atari(env_id):
-        if evaluation:  # evaluation envs: always Gymnasium's stack (whole games, FIRE again when stalled)
-            return make_vector_env(env_id, num_envs, "async", env_fn, evaluation)
-        from proxrl.control.atari import make_ale_vector_env
+        from proxrl.control.atari import AtariSettings, make_ale_vector_env
         from proxrl.control.envs_extra import require_extra_for
 
         require_extra_for(env_id)
-        venv = make_ale_vector_env(env_id, num_envs)
+        # evaluation: whole games with raw rewards in the same emulator wrapper the policy trained in
+        settings = AtariSettings(terminal_on_life_loss=False, clip_rewards=False) if evaluation else None
+        venv = make_ale_vector_env(env_id, num_envs, settings)
     elif use_native:
         if not _has_native(env_id, env_fn):
             raise UserError(f"vector_mode='native' but env {env_id!r} has no native vector implementation; use sync")
