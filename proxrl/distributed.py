@@ -59,6 +59,7 @@ __all__ = [
     "dist_info",
     "is_main",
     "is_distributed",
+    "single_node",
     "require_distributed",
     "barrier",
     "shutdown",
@@ -238,6 +239,15 @@ def is_main() -> bool:
 def is_distributed() -> bool:
     """True when a process group with more than one process is up."""
     return _initialized() and torch.distributed.get_world_size() > 1
+
+
+def single_node() -> bool:
+    """True when every process of the job runs on this machine: a 1-process run, or torchrun's
+    ``LOCAL_WORLD_SIZE`` equal to the world size (False when it is missing). Such processes share one CPU
+    type and one set of libraries, so identical CPU computations on identical inputs give identical bits on
+    all of them (the control trainer relies on that to compute small minibatches on every process)."""
+    info = dist_info()
+    return info.world_size == 1 or _env_int("LOCAL_WORLD_SIZE", 0) == info.world_size
 
 
 def require_distributed(option: str) -> None:

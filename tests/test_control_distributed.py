@@ -128,10 +128,11 @@ def _minibatch(policy: torch.nn.Module, m: int, obs_shape: tuple[int, ...]) -> l
             torch.randn(m, generator=g) * 3 + 1, values + torch.randn(m, generator=g)]
 
 
-def test_small_minibatches_are_computed_whole_large_ones_split():
+def test_small_minibatches_are_computed_whole_large_ones_split(monkeypatch):
     """_shared_minibatch_step without a process group (its all-reduce is then a no-op), as rank 1 of 2: below
     min_split_work it computes the whole minibatch (bit-exact one-process gradient and loss terms, no collective
-    needed); from it on, only rank 1's half, with advantages normalised over the whole minibatch first."""
+    needed); from it on, only rank 1's half, with advantages normalised over the whole minibatch first. Processes
+    on several machines split small minibatches too."""
     torch.manual_seed(0)
     policy = ActorCritic(4, 2, True, (64, 64), "tanh")
     flat = flatten_parameters(policy)
@@ -153,6 +154,16 @@ def test_small_minibatches_are_computed_whole_large_ones_split():
     torch.testing.assert_close(flat.grad, half_grad, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(stats, half_stats, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(half_grad, whole_grad, rtol=1e-2, atol=1e-4)
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, but no process group: a collective raises
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one machine: the small minibatch is computed whole
+    _shared_minibatch_step(shared, list(batch), flat.grad, 2, 1, True)
+    assert torch.equal(flat.grad, whole_grad)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two machines: split, so it reaches for the all-reduce
+    with pytest.raises(RuntimeError, match="not initialised"):
+        _shared_minibatch_step(shared, list(batch), flat.grad, 2, 1, True)
 
 
 def test_the_split_threshold_keeps_mlp_presets_whole_and_splits_atari():

@@ -522,6 +522,16 @@ def test_bad_launch_environment_is_one_line(monkeypatch, env, match):
     assert "\n" not in str(e.value)
 
 
+def test_single_node(monkeypatch):
+    assert D.single_node()  # one process
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert not D.single_node()  # LOCAL_WORLD_SIZE unknown: maybe several machines
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert not D.single_node()  # 2 machines x 2 processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert D.single_node()
+
+
 def test_require_distributed():
     with pytest.raises(UserError, match="--fsdp needs several processes: launch with `torchrun"):
         D.require_distributed("--fsdp")

@@ -274,14 +274,16 @@ def _shared_minibatch_step(loss_and_grad, minibatch: list, grad: Tensor, world: 
     (``M * grad.numel() >= min_split_work`` samples x parameters), process ``rank`` computes the ``rank``-th
     of ``world`` contiguous, near-equal parts (as ``tensor_split``) and one all-reduce of
     ``[m_r * grad, m_r * stats, m_r]`` gives every process the whole minibatch's means (same values as one
-    process up to the order of float sums). A small minibatch (CartPole's MLP: 256 x 9k = 2.3e6) costs less
-    than an all-reduce's latency (0.3-3 ms on a busy 2-core machine), so there every process computes the whole
-    minibatch itself, with no collective: exactly what one process computes. ``min_split_work`` depends on
-    sizes only, so every process and every run takes the same path."""
+    process up to the order of float sums). Half of a small minibatch (CartPole's: 256 x 9,155 = 2.3e6) takes
+    nearly as long as all of it and an all-reduce adds 0.3-2 ms, so on the CPU of one machine every process
+    computes a small minibatch whole, with no collective: exactly what one process computes, and the same bits
+    on every process (:func:`proxrl.distributed.single_node`). On a GPU (atomic-add backward kernels are not
+    bit-reproducible) and across machines small minibatches are split too, so the all-reduce keeps the
+    processes identical. The choice depends on sizes and placement only: the same on every process and run."""
     m = minibatch[0].shape[0]
     if normalize_here:  # over the whole minibatch, as one process does (the backends were told not to)
         minibatch[4] = _normalized(minibatch[4])
-    if m * grad.numel() < min_split_work:
+    if m * grad.numel() < min_split_work and grad.device.type == "cpu" and D.single_node():
         return loss_and_grad(*minibatch)
     start = rank * (m // world) + min(rank, m % world)
     stop = start + m // world + (1 if rank < m % world else 0)
