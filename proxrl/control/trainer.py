@@ -21,10 +21,12 @@ Reproducibility and exact resume:
 Devices and processes (docs/distributed.md): ``cfg.device`` (:func:`proxrl.distributed.resolve_device`) holds the
 policy, the optimizer state and the update's batch; envs and rollout buffers stay on the CPU. Under torchrun
 every size is global: process ``r`` steps the envs ``D.shard_indices(num_envs, r, N)`` (seeded by their global
-index), the rollouts are gathered (:func:`~proxrl.control.rollout.gather_rollout`) so GAE, normalisers and the
-minibatch order are the same on every process, each process computes the gradient of its share of every
-minibatch and one all-reduce gives all of them the whole minibatch's gradient
-(:func:`~proxrl.control.ppo.ppo_update`). Only rank 0 writes the run directory, evaluates and records videos.
+index), the rollouts are gathered with the job's episode lists (:func:`~proxrl.control.rollout.gather_rollout`,
+one all-gather) so GAE, normalisers, the minibatch order and the episode metrics are the same on every process;
+each process computes the gradient of its share of every large minibatch and one all-reduce gives all of them
+the whole minibatch's gradient, while a small one (every MLP preset's) is computed whole by every process on
+one machine's CPU, with no collective (:func:`~proxrl.control.ppo.ppo_update`). Only rank 0 writes the run
+directory, evaluates and records videos.
 With sync/async vector envs, N processes compute what one process computes, up to the order of float sums
 (a native vector env such as CartPole's draws its resets from one generator per process, so there the runs
 differ in env randomness). A checkpoint written with N processes resumes with M.
