@@ -143,14 +143,14 @@ def test_small_minibatches_are_computed_whole_large_ones_split(monkeypatch):
     whole_grad = flat.grad.clone()
     shared = TorchPPOGradient(policy, flat, cfg, 0.2, normalize_advantages=False)
 
-    stats = _shared_minibatch_step(shared, list(batch), flat.grad, 2, 1, True, min_split_work=m * p + 1)
+    stats = _shared_minibatch_step(shared, batch, slice(None), flat.grad, 2, 1, True, min_split_work=m * p + 1)
     assert torch.equal(flat.grad, whole_grad) and np.array_equal(stats, whole_stats)
 
     half = [t[m // 2:] for t in batch]
     half[4] = normalize(batch[4])[m // 2:]
     half_stats = shared(*half)
     half_grad = flat.grad.clone()
-    stats = _shared_minibatch_step(shared, list(batch), flat.grad, 2, 1, True, min_split_work=m * p)
+    stats = _shared_minibatch_step(shared, batch, slice(None), flat.grad, 2, 1, True, min_split_work=m * p)
     torch.testing.assert_close(flat.grad, half_grad, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(stats, half_stats, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(half_grad, whole_grad, rtol=1e-2, atol=1e-4)
@@ -159,11 +159,30 @@ def test_small_minibatches_are_computed_whole_large_ones_split(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, but no process group: a collective raises
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one machine: the small minibatch is computed whole
-    _shared_minibatch_step(shared, list(batch), flat.grad, 2, 1, True)
+    _shared_minibatch_step(shared, batch, slice(None), flat.grad, 2, 1, True)
     assert torch.equal(flat.grad, whole_grad)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two machines: split, so it reaches for the all-reduce
     with pytest.raises(RuntimeError, match="not initialised"):
-        _shared_minibatch_step(shared, list(batch), flat.grad, 2, 1, True)
+        _shared_minibatch_step(shared, batch, slice(None), flat.grad, 2, 1, True)
+
+
+def test_a_split_minibatch_gathers_only_this_process_share_of_the_indices():
+    """With minibatch indices (not the whole batch), rank 1 of 2 computes exactly the second half of
+    ``batch[idx]``, advantages normalised over all of ``batch[4][idx]``."""
+    torch.manual_seed(1)
+    policy = ActorCritic(4, 2, True, (16,), "tanh")
+    flat = flatten_parameters(policy)
+    cfg = ControlConfig(**PRESETS["CartPole-v1"])
+    batch = _minibatch(policy, 40, (4,))
+    idx = torch.randperm(40)[:15]  # odd size: rank 1 gets 7 of 15
+    shared = TorchPPOGradient(policy, flat, cfg, 0.2, normalize_advantages=False)
+    expected = [t[idx][8:] for t in batch]
+    expected[4] = normalize(batch[4][idx])[8:]
+    want_stats = shared(*expected)
+    want_grad = flat.grad.clone()
+    stats = _shared_minibatch_step(shared, batch, idx, flat.grad, 2, 1, True, min_split_work=0)
+    torch.testing.assert_close(flat.grad, want_grad, rtol=1e-6, atol=1e-7)  # (x * 7 / 7: one rounding)
+    np.testing.assert_allclose(stats, want_stats, rtol=1e-6, atol=1e-7)
 
 
 def test_the_split_threshold_keeps_mlp_presets_whole_and_splits_atari():

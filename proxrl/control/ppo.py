@@ -36,6 +36,7 @@ minibatch), before the optimizer step that would spread it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -188,9 +189,10 @@ def ppo_update(
         batch = (batch_layout(batch[0]), *batch[1:])
     n_real = real.numel()
     explained_var = explained_variance(batch[3], batch[5])
-    # Several processes: each holds the whole batch (gather_rollout) and computes the gradient of its contiguous
-    # share of every minibatch, advantages normalised over the whole minibatch first; one all-reduce per
-    # minibatch then gives every process the gradient and loss terms of the whole minibatch.
+    # Several processes: each holds the whole batch (gather_rollout). A large minibatch is split: each process
+    # computes the gradient of its contiguous share (advantages normalised over the whole minibatch first) and
+    # one all-reduce gives every process the whole minibatch's; a small one every process computes whole
+    # (_shared_minibatch_step says when).
     world = D.dist_info().world_size if D.is_distributed() else 1
     rank = D.dist_info().rank if world > 1 else 0
     normalize_here = cfg.normalize_advantages and world > 1
@@ -225,8 +227,7 @@ def ppo_update(
             if world == 1:
                 stats = loss_and_grad(*(t[idx] for t in batch))
             else:
-                stats = _shared_minibatch_step(loss_and_grad, [t[idx] for t in batch], grad, world, rank,
-                                               normalize_here)
+                stats = _shared_minibatch_step(loss_and_grad, batch, idx, grad, world, rank, normalize_here)
             if not math.isfinite(stats.sum()):  # one sum for the common case; check_finite names the term
                 for name, value in zip(STAT_NAMES, stats):
                     check_finite(name, float(value), f"{where}, epoch {epoch + 1}, minibatch {k + 1}")
@@ -266,28 +267,37 @@ def _normalized(adv: Tensor | np.ndarray) -> Tensor | np.ndarray:
     return out
 
 
-def _shared_minibatch_step(loss_and_grad, minibatch: list, grad: Tensor, world: int, rank: int,
+def _shared_minibatch_step(loss_and_grad, batch: Sequence, idx, grad: Tensor, world: int, rank: int,
                            normalize_here: bool, min_split_work: int = 10_000_000) -> np.ndarray:
-    """One minibatch's loss terms and gradient (into ``grad``) on every process, all of them equal.
+    """The loss terms and gradient (into ``grad``) of the minibatch ``batch[i][idx]`` on every process, all of
+    them equal. ``batch``: the update's whole batch (every process holds it, :func:`~proxrl.control.rollout.
+    gather_rollout`); ``idx``: the minibatch's indices into it, or ``slice(None)`` for all of it.
 
-    Every process holds the whole minibatch (:func:`~proxrl.control.rollout.gather_rollout`). If it is big
-    (``M * grad.numel() >= min_split_work`` samples x parameters), process ``rank`` computes the ``rank``-th
-    of ``world`` contiguous, near-equal parts (as ``tensor_split``) and one all-reduce of
-    ``[m_r * grad, m_r * stats, m_r]`` gives every process the whole minibatch's means (same values as one
-    process up to the order of float sums). Half of a small minibatch (CartPole's: 256 x 9,155 = 2.3e6) takes
-    nearly as long as all of it and an all-reduce adds 0.3-2 ms, so on the CPU of one machine every process
-    computes a small minibatch whole, with no collective: exactly what one process computes, and the same bits
-    on every process (:func:`proxrl.distributed.single_node`). On a GPU (atomic-add backward kernels are not
-    bit-reproducible) and across machines small minibatches are split too, so the all-reduce keeps the
-    processes identical. The choice depends on sizes and placement only: the same on every process and run."""
-    m = minibatch[0].shape[0]
-    if normalize_here:  # over the whole minibatch, as one process does (the backends were told not to)
-        minibatch[4] = _normalized(minibatch[4])
-    if m * grad.numel() < min_split_work and grad.device.type == "cpu" and D.single_node():
+    If the minibatch is big (``M * grad.numel() >= min_split_work`` samples x parameters), process ``rank``
+    gathers and computes only the ``rank``-th of ``world`` contiguous, near-equal parts of it (as
+    ``tensor_split``), and one all-reduce of ``[m_r * grad, m_r * stats, m_r]`` gives every process the whole
+    minibatch's means (same values as one process up to the order of float sums). Half of a small minibatch
+    (CartPole's: 256 x 9,155 = 2.3e6) takes nearly as long as all of it and an all-reduce adds 0.3-2 ms, so on
+    the CPU of one machine every process computes a small minibatch whole, with no collective: exactly what one
+    process computes, and the same bits on every process (:func:`proxrl.distributed.single_node`). On a GPU
+    (atomic-add backward kernels are not bit-reproducible) and across machines small minibatches are split too,
+    so the all-reduce keeps the processes identical. The choice depends on sizes and placement only: the same
+    on every process and run. Advantages are normalised over the whole minibatch (``normalize_here``)."""
+    m = batch[0].shape[0] if isinstance(idx, slice) else len(idx)
+    small = m * grad.numel() < min_split_work and grad.device.type == "cpu" and D.single_node()
+    # over the whole minibatch, as one process does (the backends were told not to)
+    advantages = _normalized(batch[4][idx]) if normalize_here else None
+    if small:
+        minibatch = [t[idx] for t in batch]
+        if advantages is not None:
+            minibatch[4] = advantages
         return loss_and_grad(*minibatch)
     start = rank * (m // world) + min(rank, m % world)
     stop = start + m // world + (1 if rank < m % world else 0)
-    part = [t[start:stop] for t in minibatch]
+    mine = slice(start, stop) if isinstance(idx, slice) else idx[start:stop]
+    part = [t[mine] for t in batch]  # only this process's share is gathered (pixels: the costly copy)
+    if advantages is not None:
+        part[4] = advantages[start:stop]
     m_r = stop - start
     if m_r > 0:
         stats = loss_and_grad(*part)

@@ -63,7 +63,8 @@ class Rollout:
     terminated: Tensor  # (T, N) bool
     truncated: Tensor  # (T, N) bool
     valid: Tensor  # (T, N) bool
-    episode_returns: list[float]  # raw (unscaled) returns of the episodes that ended in this rollout (this process)
+    episode_returns: list[float]  # raw (unscaled) returns of the episodes that ended in this rollout (the
+    # collector's: this process's; gather_rollout's: the job's)
     episode_lengths: list[int]
     obs_all: Tensor | None = None  # (T+1, N, *obs_shape)
     values_all: Tensor | None = None  # (T+1, N)
