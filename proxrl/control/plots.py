@@ -1,7 +1,7 @@
 """Figures of a control run, written as PNGs to ``run_dir/plots``.
 
-* ``returns.png``: training episodic return (per update and a running mean) and deterministic evaluation
-  returns (mean +- std) against environment steps.
+* ``returns.png``: training episodic return (per update and a running mean) and evaluation returns (greedy or
+  sampled actions, as the run's ``eval_deterministic``; mean +- std) against environment steps.
 * ``losses.png``: policy/value loss, entropy, approx KL, clip fraction, explained variance, learning rate
   against updates (via :func:`proxrl.runs.plot_metrics`).
 * ``policy_map.png`` (vector observations with Discrete or Box actions only; not drawn for images,
@@ -71,8 +71,9 @@ def plot_returns(run_dir: str | Path) -> Path:
              if np.isfinite(r.get("eval_return_mean", np.nan))]
     if evals:
         x, m, s = np.array(evals).T
+        greedy = bool(rd.read_config().get("eval_deterministic", True)) if rd.config_path.exists() else True
         ax.errorbar(x, m, yerr=s, color="tab:red", marker="o", markersize=4, capsize=3, linewidth=1.2,
-                    label="deterministic eval (mean +- std)")
+                    label=f"{'greedy' if greedy else 'sampled-action'} eval (mean +- std)")
     ax.set_xlabel("environment steps")
     ax.set_ylabel("return")
     ax.set_title(f"{rd.path.name}: returns")
