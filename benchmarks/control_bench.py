@@ -415,15 +415,15 @@ def _interleaved(env: str, seeds: int, steps: int, sides: list[str], proxrl_set:
 
 
 def _interleaved_halfcheetah(seeds: dict[str, int], steps: dict[str, int], sides: list[str],
-                             proxrl_set: dict | None = None, partial=None) -> list[dict]:
+                             proxrl_set: dict | None = None, partial=None, start: int = 0) -> list[dict]:
     """Seed i of each side in turn (SB3 first on even i, proxrl first on odd i); a side stops at its seed count.
 
     ``partial(runs)``, if given, is called after every run (the long benchmark saves what it has so far).
     """
     runs = []
-    for i in range(max(seeds[s] for s in sides)):
+    for i in range(start, start + max(seeds[s] for s in sides)):
         for side in (sides if i % 2 == 0 else sides[::-1]):
-            if i >= seeds[side]:
+            if i >= start + seeds[side]:
                 continue
             load = os.getloadavg()[0]
             print(f"  [{time.strftime('%H:%M:%S')}] halfcheetah seed {i} {side}: {steps[side]} steps ...", flush=True)
@@ -508,6 +508,10 @@ def main() -> None:
                    help="HalfCheetah seeds of the SB3 side only (default: --halfcheetah-seeds)")
     p.add_argument("--halfcheetah-steps", type=int, default=None,
                    help=f"HalfCheetah env steps per run (default {STEPS['halfcheetah']}; --quick {QUICK_STEPS['halfcheetah']})")
+    p.add_argument("--halfcheetah-seed-start", type=int, default=0,
+                   help="first HalfCheetah seed (seeds START..START+n-1; to add seeds to an earlier run)")
+    p.add_argument("--halfcheetah-add-json", default=None, metavar="EARLIER.json",
+                   help="also report the HalfCheetah runs of an earlier --json of this script (e.g. more seeds)")
     p.add_argument("--proxrl-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ControlConfig field of the proxrl side, any env (repeatable; VALUE is a YAML "
                         "scalar), e.g. --proxrl-set vector_mode=native")
@@ -619,8 +623,15 @@ def main() -> None:
                 Path(a.json).write_text(json.dumps({**results, "halfcheetah": {"runs": done, "partial": True}},
                                                    indent=1, default=lambda x: None))
 
-        runs = _interleaved_halfcheetah(hc_seeds, hc_steps, sides, proxrl_set, partial)
-        results["halfcheetah"] = {"runs": runs, "seeds": {s_: hc_seeds[s_] for s_ in sides}, "steps": hc_steps}
+        runs = _interleaved_halfcheetah(hc_seeds, hc_steps, sides, proxrl_set, partial, a.halfcheetah_seed_start)
+        if a.halfcheetah_add_json:  # earlier runs first; a (side, seed) measured twice keeps the new run
+            earlier = json.loads(Path(a.halfcheetah_add_json).read_text())["halfcheetah"]
+            new = {(r["side"], r["seed"]) for r in runs}
+            runs = [r for r in earlier["runs"] if (r["side"], r["seed"]) not in new] + runs
+            for side, n in earlier.get("steps", {}).items():
+                hc_steps.setdefault(side, n)
+        results["halfcheetah"] = {"runs": runs, "added_from": a.halfcheetah_add_json, "steps": hc_steps,
+                                  "seeds": {s_: sum(r["side"] == s_ for r in runs) for s_ in ("sb3", "proxrl")}}
     meta["loadavg_end"] = os.getloadavg()
     if "cartpole" in results:
         c = results["cartpole"]
