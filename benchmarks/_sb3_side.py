@@ -177,17 +177,16 @@ HALFCHEETAH_EVAL_SEED_OFFSET = 10_000  # evaluation env seed = training seed + t
 
 
 def run_halfcheetah(seed: int, steps: int, eval_episodes: int) -> dict:
-    from torch import nn
-
     from stable_baselines3.common.vec_env import VecNormalize
+    from torch import nn
 
     gamma = 0.98
     env = VecNormalize(make_vec_env("HalfCheetah-v5", n_envs=1, seed=seed), gamma=gamma)  # zoo: normalize + gamma
     model = PPO(
         "MlpPolicy", env, n_steps=512, batch_size=64, n_epochs=20, learning_rate=2.0633e-5, gamma=gamma,
         gae_lambda=0.92, clip_range=0.1, ent_coef=0.000401762, vf_coef=0.58096, max_grad_norm=0.8,
-        policy_kwargs=dict(log_std_init=-2, ortho_init=False, activation_fn=nn.ReLU,
-                           net_arch=dict(pi=[256, 256], vf=[256, 256])),
+        policy_kwargs={"log_std_init": -2, "ortho_init": False, "activation_fn": nn.ReLU,
+                       "net_arch": {"pi": [256, 256], "vf": [256, 256]}},
         seed=seed, verbose=0, device="cpu",
     )
     t0, c0 = time.perf_counter(), time.process_time()

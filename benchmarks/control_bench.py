@@ -45,6 +45,8 @@ Usage:
                                       # any ControlConfig field of the proxrl side (repeatable, YAML scalars)
     python benchmarks/control_bench.py --env halfcheetah --json /tmp/hc.json   # 1M steps x 3 seeds per side
     python benchmarks/control_bench.py --env halfcheetah --quick              # 20,480 steps, 1 seed per side
+    python benchmarks/control_bench.py --env halfcheetah --sides proxrl --halfcheetah-seeds 1 \
+        --halfcheetah-seed-start 2 --halfcheetah-add-json /tmp/hc.json   # one more proxrl seed, reported with hc.json's
     python benchmarks/control_bench.py --env halfcheetah --profile /tmp/hc.prof --halfcheetah-steps 20480
     python benchmarks/control_bench.py --profile /tmp/cartpole.prof   # where proxrl's CartPole time goes: a
                                       # stage-timer split of one run, then one run under cProfile
