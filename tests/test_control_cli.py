@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import importable_module
 
 from proxrl.cli import main
 from proxrl.runs import list_checkpoints, load_checkpoint, read_metrics, save_checkpoint
@@ -215,12 +216,8 @@ def raising_env():
 
 @pytest.fixture
 def user_envs(tmp_path):
-    name = f"user_envs_{tmp_path.name.replace('-', '_')}"
-    (tmp_path / f"{name}.py").write_text(ENV_MODULE)
-    sys.path.insert(0, str(tmp_path))
-    yield name
-    sys.path.remove(str(tmp_path))
-    sys.modules.pop(name, None)
+    with importable_module(tmp_path, "user_envs", ENV_MODULE) as name:
+        yield name
 
 
 def test_nan_observation_stops_with_one_line_and_keeps_the_last_good_checkpoint(capsys, tmp_path, user_envs):

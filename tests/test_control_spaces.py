@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from checkpoint_compare import assert_bitwise_equal, final_tensors
+from conftest import importable_module
 from gymnasium import spaces
 
 from proxrl.cli import main
@@ -22,8 +24,13 @@ from proxrl.control.policy import ActorCritic
 from proxrl.control.rollout import Collector, uses_numpy_rollout
 from proxrl.control.running_stats import ObsNormalizer, RewardScaler
 from proxrl.errors import UserError
-from proxrl.runs import latest_checkpoint, list_checkpoints, load_checkpoint, read_metrics, save_checkpoint
-from checkpoint_compare import assert_bitwise_equal, final_tensors
+from proxrl.runs import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+)
 
 QUIET = {"tensorboard": False, "eval_every": 0}
 
@@ -265,12 +272,8 @@ def pixels():
 
 @pytest.fixture
 def bad_envs(tmp_path):
-    name = f"bad_envs_{tmp_path.name.replace('-', '_')}"
-    (tmp_path / f"{name}.py").write_text(ENV_MODULE)
-    sys.path.insert(0, str(tmp_path))
-    yield name
-    sys.path.remove(str(tmp_path))
-    sys.modules.pop(name, None)
+    with importable_module(tmp_path, "bad_envs", ENV_MODULE) as name:
+        yield name
 
 
 QUICK = ["--total-steps", "64", "--num-envs", "1", "--rollout-steps", "32", "--eval-every", "0", "--no-progress",
