@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from proxrl.control.adam import FlatAdam, clip_grad_norm, grad_norm
+from proxrl.control.adam import FlatAdam, clip_coefficient, clip_grad_norm, grad_norm
 from proxrl.control.flat_params import flatten_parameters
 from proxrl.control.policy import ActorCritic
 
@@ -39,6 +39,40 @@ def test_flat_adam_matches_torch_adam_under_a_changing_learning_rate():
     # the schedule is really followed: with a constant rate both sides end elsewhere
     p_const, _, _ = _adam_run(lambda i: 3e-3)
     assert (p_const - p).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipped_adam_step_matches_torch_clip_then_adam(fused):
+    """step(clip_coefficient(norm, c)) == torch's clip_grad_norm_ then Adam, on both code paths (the fused kernel
+    and the plain tensor ops), with clipping on some steps and not on others."""
+    torch.manual_seed(2)
+    p_ref = torch.nn.Parameter(torch.randn(500))
+    p = torch.nn.Parameter(p_ref.detach().clone())
+    ref = torch.optim.Adam([p_ref], lr=1e-2, eps=1e-5)
+    ours = FlatAdam(p, lr=1e-2, eps=1e-5)
+    if not fused:
+        ours.fused = False
+    elif not ours.fused:
+        pytest.skip("this torch build has no fused Adam kernel for CPU float32")
+    clipped = 0
+    for i in range(60):
+        g = torch.randn(500) * (0.001 if i % 3 == 0 else 1.0)  # norm ~0.02 (not clipped) or ~22 (clipped)
+        p_ref.grad, p.grad = g.clone(), g.clone()
+        torch.nn.utils.clip_grad_norm_([p_ref], 0.8)
+        coef = clip_coefficient(grad_norm(p.grad), 0.8)
+        clipped += coef < 1.0
+        ours.step(coef)
+        ref.step()
+        assert torch.allclose(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7)  # the gradient is left clipped, as torch's
+    assert clipped == 40
+    assert torch.allclose(p, p_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_coefficient():
+    assert clip_coefficient(2.0, 0.5) == pytest.approx(0.5 / (2.0 + 1e-6))
+    assert clip_coefficient(0.4, 0.5) == 1.0
+    assert clip_coefficient(2.0, None) == 1.0
+    assert clip_coefficient(float("nan"), 0.5) == 1.0 and clip_coefficient(float("inf"), 0.5) == 1.0
 
 
 def test_clip_grad_norm_matches_torch():

@@ -114,6 +114,34 @@ def test_native_cartpole_is_used_and_next_step():
     venv.close()
 
 
+@pytest.mark.parametrize("env_id,num_envs", [("Pendulum-v1", 3), ("CartPole-v1", 2), ("Pendulum-v1", 1)])
+def test_lean_sync_vector_env_steps_exactly_as_gymnasiums(env_id, num_envs):
+    """make_vector_env's sync envs (LeanSyncVectorEnv) return what Gymnasium's SyncVectorEnv returns, bit for bit,
+    through terminations (CartPole) and truncations (Pendulum at 200 steps) and the NEXT_STEP reset steps after them."""
+    from proxrl.control.envs import LeanSyncVectorEnv
+
+    lean, _ = make_vector_env(env_id, num_envs, "sync")
+    assert type(lean) is LeanSyncVectorEnv
+    ref = gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * num_envs,
+                                   autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    seeds = [7 + i for i in range(num_envs)]
+    obs_a, _ = lean.reset(seed=seeds)
+    obs_b, _ = ref.reset(seed=seeds)
+    np.testing.assert_array_equal(obs_a, obs_b)
+    ref.action_space.seed(3)
+    resets = 0
+    for _ in range(450):
+        action = ref.action_space.sample()
+        got, want = lean.step(action.copy()), ref.step(action.copy())
+        for a, b in zip(got[:4], want[:4]):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+        resets += int(np.sum(got[2] | got[3]))
+    assert resets >= num_envs  # episode ends (and the reset steps after them) were compared too
+    lean.close()
+    ref.close()
+
+
 class _SpaceEnv(gym.Env):
     def __init__(self, obs_space, act_space):
         self.observation_space, self.action_space = obs_space, act_space

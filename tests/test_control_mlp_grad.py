@@ -80,6 +80,26 @@ def test_fast_gradients_float32_match_autograd(discrete):
     np.testing.assert_allclose(np_stats, ref_stats, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_gradients_with_large_products_match_autograd(dtype):
+    """HalfCheetah's shapes (17 -> 256 -> 256 -> 6 ReLU, minibatch 64): the 256x256 products are large enough to
+    run in torch.mm (mlp_grad.TORCH_MM_MACS), the small ones in numpy; the gradients still equal autograd's."""
+    from proxrl.control.mlp_grad import TORCH_MM_MACS
+
+    assert 64 * 256 * 256 >= TORCH_MM_MACS > 64 * 17 * 256  # both kinds of product occur below
+    cfg = ControlConfig(**PRESETS["HalfCheetah-v5"])
+    policy, flat, batch = _setup(False, (256, 256), "relu", dtype=dtype, m=64, obs_dim=17, n_act=6)
+    ref_grad, ref_stats = _grad(TorchPPOGradient(policy, flat, cfg, clip_coef=0.1), flat, batch)
+    np_grad, np_stats = _grad(NumpyPPOGradient(policy, cfg, clip_coef=0.1), flat, batch, as_numpy=True)
+    assert np_grad.dtype == dtype and ref_grad.abs().max() > 1e-3
+    if dtype == torch.float64:
+        torch.testing.assert_close(np_grad, ref_grad, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(np_stats, ref_stats, rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(np_grad, ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
+        np.testing.assert_allclose(np_stats, ref_stats, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("discrete,hidden,activation", [(True, "64,64", "tanh"), (False, "64", "relu"),
                                                         (True, "linear", "tanh"), (False, "5,7,3", "tanh")])
 def test_numpy_mlp_backward_with_any_masked_loss(discrete, hidden, activation):

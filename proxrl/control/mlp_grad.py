@@ -26,15 +26,33 @@ Given ``G = dL/dy`` (closed form), for ``l = L, ..., 1``::
     dL/dz_{l-1} = dL/dh_{l-1} * f'(z_{l-1}),    tanh: f' = 1 - h_{l-1}^2,  relu: f' = [h_{l-1} > 0]
 
 ``log_std`` of a Gaussian policy is not part of either MLP: :mod:`.ppo_grad` writes its gradient itself.
+
+Large matrix products (at least ``2**21`` multiply-adds, e.g. HalfCheetah's 256x256 layers on a minibatch of
+64) go through ``torch.mm`` on zero-copy views of the same arrays: torch's sgemm runs them ~1.3x faster than
+numpy's OpenBLAS on this machine class, while numpy stays faster on the small products of CartPole-sized MLPs
+(``python benchmarks/control_bench.py --env halfcheetah --profile ...``; figures in benchmarks/README.md).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 
 __all__ = ["NumpyMLP", "mlp_activation"]
 
 _ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
+TORCH_MM_MACS = 1 << 21  # products of at least this many multiply-adds run in torch.mm (see the module docstring)
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` (2-d float arrays, any strides), written into ``out`` if given: torch.mm on views for large
+    products, numpy for small ones."""
+    if a.shape[0] * a.shape[1] * b.shape[1] < TORCH_MM_MACS:
+        return np.matmul(a, b, out=out)
+    if out is None:
+        return torch.mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+    return out
 
 
 def mlp_activation(seq: nn.Module) -> str:
@@ -91,7 +109,7 @@ class NumpyMLP:
         """
         hidden = [x]
         for w, b in zip(self.weights[:-1], self.biases[:-1]):
-            z = hidden[-1] @ w.T
+            z = _matmul(hidden[-1], w.T)
             z += b
             if self.relu:
                 np.maximum(z, 0.0, out=z)
@@ -121,7 +139,7 @@ class NumpyMLP:
             else:
                 g *= 1.0 - h * h
             # g = dL/dz_l
-            np.matmul(g.T, self._hidden[l], out=self.weight_grads[l])
+            _matmul(g.T, self._hidden[l], out=self.weight_grads[l])
             np.matmul(ones, g, out=self.bias_grads[l])
             if l > 0:
-                g = g @ self.weights[l]  # dL/dh_{l-1}
+                g = _matmul(g, self.weights[l])  # dL/dh_{l-1}

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from proxrl import distributed as D
-from proxrl.control.adam import FlatAdam, clip_grad_norm, grad_norm
+from proxrl.control.adam import FlatAdam, clip_coefficient, grad_norm
 from proxrl.control.config import ControlConfig
 from proxrl.control.ppo_grad import STAT_NAMES, NumpyPPOGradient, numpy_unsupported
 from proxrl.control.rollout import Rollout
@@ -238,10 +238,11 @@ def ppo_update(
                 stop = True
                 break
 
-            norm = grad_norm(grad) if cfg.max_grad_norm is None else clip_grad_norm(grad, cfg.max_grad_norm)
+            norm = grad_norm(grad)
             if not math.isfinite(norm):
                 check_finite("gradient", grad, f"{where}, epoch {epoch + 1}, minibatch {k + 1}")
-            optimizer.step()
+            # global-norm clipping to max_grad_norm, folded into the Adam step (the same update as rescaling grad)
+            optimizer.step(clip_coefficient(norm, cfg.max_grad_norm))
             n_minibatches += 1
             sums += stats
         if stop:
