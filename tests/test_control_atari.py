@@ -11,7 +11,7 @@ import yaml
 from gymnasium import spaces
 
 from proxrl.control.cnn import CNNActorCritic, MLPActorCritic, image_layout
-from proxrl.control.distributions import ActionDist, action_dist_for
+from proxrl.control.distributions import action_dist_for
 from proxrl.control.envs_extra import flatten_observations, observation_kind, require_extra_for
 from proxrl.control.flat_params import flatten_parameters
 from proxrl.control.presets import PRESETS

@@ -106,3 +106,49 @@ def test_resumable_fields_are_fields_and_exclude_what_changes_learning():
     assert ControlConfig.resumable_fields <= names
     for learning in ("learning_rate", "seed", "num_envs", "hidden_sizes", "grad_backend", "vector_mode", "gamma"):
         assert learning not in ControlConfig.resumable_fields
+
+
+def test_ortho_init_false_keeps_pytorchs_default_linear_init():
+    """ortho_init=False (SB3's, as the zoo's HalfCheetah/Hopper presets) leaves nn.Linear's default init; the
+    default is orthogonal with gains sqrt(2) / 0.01 / 1 and zero biases; the CNN refuses it in one line."""
+    import math
+
+    import torch
+    from torch import nn
+
+    from proxrl.control.checkpointing import build_policy
+    from proxrl.control.envs import make_vector_env
+    from proxrl.control.policy import ActorCritic
+
+    assert PRESETS["HalfCheetah-v5"]["ortho_init"] is False and PRESETS["Hopper-v5"]["ortho_init"] is False
+    torch.manual_seed(3)
+    plain = ActorCritic(5, 2, False, (8,), "tanh", ortho_init=False)
+    torch.manual_seed(3)
+    ref = [nn.Linear(5, 8), nn.Linear(8, 2), nn.Linear(5, 8), nn.Linear(8, 1)]  # same draw order: actor, critic
+    got = [plain.actor[0], plain.actor[2], plain.critic[0], plain.critic[2]]
+    for a, b in zip(got, ref):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    ortho = ActorCritic(5, 2, False, (8,), "tanh")
+    w = ortho.actor[0].weight.detach()  # (8, 5), orthonormal columns scaled by sqrt(2)
+    assert torch.allclose(w.T @ w, 2.0 * torch.eye(5), atol=1e-5)
+    assert float(ortho.actor[2].weight.detach().norm(dim=1).max()) == pytest.approx(0.01, rel=1e-4)
+    assert float(ortho.critic[2].weight.detach().norm()) == pytest.approx(1.0, rel=1e-5) and not ortho.actor[0].bias.any()
+    assert not math.isclose(float(plain.actor[0].bias.abs().sum()), 0.0)
+
+    cfg = ControlConfig(env_id="CartPole-v1", ortho_init=False)
+    venv, info = make_vector_env("CartPole-v1", 1, "sync")
+    venv.close()
+    torch.manual_seed(3)
+    policy = build_policy(cfg, info)
+    torch.manual_seed(3)
+    assert torch.equal(policy.actor[0].weight, ActorCritic(4, 2, True, (64, 64), "tanh", ortho_init=False).actor[0].weight)
+
+
+def test_ortho_init_false_is_refused_for_the_cnn():
+    from proxrl.control.checkpointing import build_policy
+    from proxrl.control.distributions import ActionDist
+    from proxrl.control.envs import SpaceInfo
+
+    info = SpaceInfo((84, 84, 4), "image", ActionDist("categorical", 1, (4,)))
+    with pytest.raises(UserError, match="ortho_init=false is for MLP policies"):
+        build_policy(ControlConfig(env_id="CartPole-v1", ortho_init=False), info)

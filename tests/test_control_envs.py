@@ -169,6 +169,28 @@ def test_unsupported_spaces_raise_user_error(obs_space, act_space, name):
         make_vector_env("custom", 1, "sync", lambda: _SpaceEnv(obs_space, act_space))
 
 
+@pytest.mark.parametrize("hidden,activation,depth", [((16, 16), "tanh", 3), ((256, 256), "relu", 3), ((200,), "tanh", 2)])
+def test_numpy_rollout_policy_fused_or_split_matches_torch(hidden, activation, depth):
+    """Narrow MLPs run fused (block-diagonal), wide ones split after the first layer: both equal the torch modules."""
+    from proxrl.control.policy import FUSE_MAX_WIDTH, NumpyPolicy
+
+    torch.manual_seed(1)
+    pol = ActorCritic(17, 6, False, hidden, activation, -2.0)
+    fast = NumpyPolicy(pol)
+    assert (fast.split_at is not None) == (max(hidden) > FUSE_MAX_WIDTH)
+    assert len(fast.layers) == (1 if fast.split_at is not None else depth)
+    obs = torch.randn(9, 17)
+    noise = np.random.default_rng(0).standard_normal((9, 6)).astype(np.float32)
+    action, logp, value = fast.act(obs.numpy(), noise=noise)
+    with torch.no_grad():
+        np.testing.assert_allclose(value, pol.value(obs).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(action, (pol.actor(obs) + torch.exp(pol.log_std) * torch.from_numpy(noise)).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+        ref_logp, _, _ = pol.evaluate(obs, torch.from_numpy(action))
+    np.testing.assert_allclose(logp, ref_logp.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fast.value(obs.numpy()), value)
+
+
 @pytest.mark.parametrize("discrete", [True, False])
 def test_numpy_rollout_policy_matches_torch_policy(discrete):
     from proxrl.control.policy import NumpyPolicy

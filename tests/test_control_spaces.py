@@ -23,7 +23,6 @@ from proxrl.control.envs import make_vector_env
 from proxrl.control.policy import ActorCritic
 from proxrl.control.rollout import Collector, uses_numpy_rollout
 from proxrl.control.running_stats import ObsNormalizer, RewardScaler
-from proxrl.errors import UserError
 from proxrl.runs import (
     latest_checkpoint,
     list_checkpoints,

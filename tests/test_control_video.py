@@ -1,6 +1,5 @@
 """Videos of evaluation episodes: MP4 through Gymnasium's RecordVideo (moviepy), GIF fallback with Pillow."""
 import gymnasium as gym
-import numpy as np
 import pytest
 from PIL import Image
 

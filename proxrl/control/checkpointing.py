@@ -49,6 +49,9 @@ def build_policy(cfg: ControlConfig, info: SpaceInfo, training: bool = True) -> 
 
         if cfg.bf16 and training:  # (a saved bf16 policy still evaluates anywhere, slowly without support)
             _check_bf16_supported()
+        if not cfg.ortho_init:
+            raise UserError(f"ortho_init=false is for MLP policies; {cfg.env_id!r} has image observations, whose Nature "
+                            "CNN is always orthogonally initialised (CleanRL): use --ortho-init true")
         return CNNActorCritic(info.obs_shape, info.dist, channels_last=image_layout(info.obs_shape) == "hwc",
                               init_log_std=cfg.init_log_std, bf16=cfg.bf16)
     if cfg.bf16:
@@ -56,10 +59,11 @@ def build_policy(cfg: ControlConfig, info: SpaceInfo, training: bool = True) -> 
                         "MLP policy trains in float32: use --bf16 false")
     hidden = parse_hidden_sizes(cfg.hidden_sizes)
     if info.dist.kind in ("categorical", "gaussian"):
-        return ActorCritic(info.obs_dim, info.action_dim, info.discrete, hidden, cfg.activation, cfg.init_log_std)
+        return ActorCritic(info.obs_dim, info.action_dim, info.discrete, hidden, cfg.activation, cfg.init_log_std,
+                           cfg.ortho_init)
     from proxrl.control.cnn import MLPActorCritic
 
-    return MLPActorCritic(info.obs_dim, info.dist, hidden, cfg.activation, cfg.init_log_std)
+    return MLPActorCritic(info.obs_dim, info.dist, hidden, cfg.activation, cfg.init_log_std, cfg.ortho_init)
 
 
 def _check_bf16_supported() -> None:

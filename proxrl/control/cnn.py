@@ -181,26 +181,17 @@ class CNNActorCritic(_PolicyAPI):
         return self.critic_head(self._features(obs)).squeeze(-1)
 
 
-def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str, head_gain: float) -> nn.Sequential:
-    act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
-    layers: list[nn.Module] = []
-    prev = in_dim
-    for width in hidden:
-        layers += [_init(nn.Linear(prev, width), math.sqrt(2.0)), act()]
-        prev = width
-    layers.append(_init(nn.Linear(prev, out_dim), head_gain))
-    return nn.Sequential(*layers)
-
-
 class MLPActorCritic(_PolicyAPI):
     """Separate actor and critic MLPs (as ``ActorCritic``) with any :class:`ActionDist` head; obs ``(N, obs_dim)``."""
 
     def __init__(self, obs_dim: int, dist: ActionDist, hidden: tuple[int, ...] = (64, 64), activation: str = "tanh",
-                 init_log_std: float = 0.0) -> None:
+                 init_log_std: float = 0.0, ortho_init: bool = True) -> None:
         super().__init__()
+        from proxrl.control.policy import build_mlp
+
         self.dist = dist
-        self.actor_net = _mlp(obs_dim, hidden, dist.out_dim, activation, head_gain=0.01)
-        self.critic_net = _mlp(obs_dim, hidden, 1, activation, head_gain=1.0)
+        self.actor_net = build_mlp(obs_dim, hidden, dist.out_dim, activation, 0.01, ortho_init)
+        self.critic_net = build_mlp(obs_dim, hidden, 1, activation, 1.0, ortho_init)
         self._init_log_std(init_log_std)
 
     def actor_value(self, obs: Tensor) -> tuple[Tensor, Tensor]:

@@ -128,6 +128,12 @@ class ControlConfig:
     hidden_sizes: str = opt("64,64", "Hidden layer widths of the separate actor and critic MLPs (CleanRL default '64,64').")
     activation: Literal["tanh", "relu"] = opt("tanh", "Hidden activation of both MLPs (CleanRL and SB3 default tanh).")
     init_log_std: float = opt(0.0, "Initial log std of the Gaussian policy for Box actions (CleanRL and SB3 default 0).")
+    ortho_init: bool = opt(
+        True,
+        "Orthogonal init of the MLPs (gain sqrt(2), policy head 0.01, value head 1, zero biases; CleanRL and SB3 "
+        "default); false keeps PyTorch's default Linear init (SB3 ortho_init=False, as rl-baselines3-zoo's "
+        "HalfCheetah and Hopper entries).",
+    )
     eval_every: int = opt(10_000, "Run an evaluation every this many env steps; 0 = only at the end.")
     eval_episodes: int = opt(10, "Episodes per evaluation (deterministic policy: argmax / mean action).")
     eval_deterministic: bool = opt(

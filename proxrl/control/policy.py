@@ -2,7 +2,9 @@
 
 Separate actor and critic networks (no shared trunk), orthogonal init with gain sqrt(2) on hidden layers,
 0.01 on the policy head and 1 on the value head, zero biases (Andrychowicz et al. 2021, "What Matters in
-On-Policy RL", and CleanRL). The Gaussian has a state-independent learned ``log_std`` vector.
+On-Policy RL", and CleanRL); ``ortho_init=False`` keeps PyTorch's default ``nn.Linear`` init instead (SB3's
+``ortho_init=False``, which rl-baselines3-zoo's HalfCheetah and Hopper entries use). The Gaussian has a
+state-independent learned ``log_std`` vector.
 
 Log-probabilities and entropies are computed directly (no ``torch.distributions`` objects on the hot path):
 
@@ -20,12 +22,15 @@ from torch import Tensor, nn
 
 from proxrl.control.mlp_grad import mlp_activation
 
-__all__ = ["ActorCritic", "NumpyPolicy"]
+__all__ = ["ActorCritic", "NumpyPolicy", "build_mlp"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str, head_gain: float) -> nn.Sequential:
+def build_mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str, head_gain: float,
+              ortho_init: bool = True) -> nn.Sequential:
+    """``Linear, act, ..., Linear`` from ``in_dim`` through ``hidden`` to ``out_dim``; orthogonal init (gain
+    sqrt(2), ``head_gain`` on the last layer, zero biases) or, with ``ortho_init=False``, PyTorch's default."""
     acts = {"tanh": nn.Tanh, "relu": nn.ReLU}
     if activation not in acts:
         raise ValueError(f"activation={activation!r}: use 'tanh' or 'relu'")
@@ -36,7 +41,7 @@ def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str, he
         layers += [nn.Linear(prev, width), act()]
         prev = width
     layers.append(nn.Linear(prev, out_dim))
-    for layer in layers:
+    for layer in layers if ortho_init else ():
         if isinstance(layer, nn.Linear):
             gain = head_gain if layer is layers[-1] else math.sqrt(2.0)
             nn.init.orthogonal_(layer.weight, gain)
@@ -55,11 +60,12 @@ class ActorCritic(nn.Module):
         hidden: tuple[int, ...] = (64, 64),
         activation: str = "tanh",
         init_log_std: float = 0.0,
+        ortho_init: bool = True,
     ) -> None:
         super().__init__()
         self.discrete = discrete
-        self.actor = _mlp(obs_dim, hidden, action_dim, activation, head_gain=0.01)
-        self.critic = _mlp(obs_dim, hidden, 1, activation, head_gain=1.0)
+        self.actor = build_mlp(obs_dim, hidden, action_dim, activation, 0.01, ortho_init)
+        self.critic = build_mlp(obs_dim, hidden, 1, activation, 1.0, ortho_init)
         if not discrete:
             self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
 
@@ -125,13 +131,18 @@ class ActorCritic(nn.Module):
         return self.actor(obs).softmax(-1)
 
 
+FUSE_MAX_WIDTH = 128  # NumpyPolicy fuses actor and critic layers up to this width (see its docstring)
+
+
 class NumpyPolicy:
     """The same actor-critic evaluated with numpy, for rollouts: both MLPs fused into one.
 
     Stepping 8 envs means batches of 8 observations, where per-call overhead dominates: a numpy forward
     costs several times less than the torch module call, and running actor and critic as one MLP of twice
     the width (first layers stacked, later layers block-diagonal: the zero blocks add exact zeros) halves
-    the number of numpy calls again. The fused weights are a *copy* of the current parameters: build a new
+    the number of numpy calls again. Layers wider than ``FUSE_MAX_WIDTH`` (HalfCheetah's 256) are not fused
+    after the first: a block-diagonal matrix would double the weights read per step, which costs more than
+    the calls it saves. The fused weights are a *copy* of the current parameters: build a new
     ``NumpyPolicy`` after each update (:meth:`Collector.collect <proxrl.control.rollout.Collector.collect>`
     does). Log-probabilities and values agree with :meth:`ActorCritic.act` up to float32 rounding.
     Sampling uses a numpy ``Generator``: categorical by inverse CDF (``a = #{k : u > cdf_k}``), Gaussian as
@@ -147,8 +158,17 @@ class NumpyPolicy:
             raise ValueError("NumpyPolicy fuses actor and critic into one MLP: both need the same depth and activation")
         relu = activation == "relu"
         self.layers: list[tuple[np.ndarray, np.ndarray]] = []  # (W^T, b) of the fused MLP
+        # wide MLPs: only the first layer is fused; then actor and critic layers separately, (W^T, b) each
+        self.split_at = actor[0].out_features if len(actor) > 1 and max(
+            m.out_features for m in actor[:-1] + critic[:-1]) > FUSE_MAX_WIDTH else None
+        self.actor_layers: list[tuple[np.ndarray, np.ndarray]] = []
+        self.critic_layers: list[tuple[np.ndarray, np.ndarray]] = []
         for i, (a, c) in enumerate(zip(actor, critic)):
             wa, wc = a.weight.detach().numpy(), c.weight.detach().numpy()
+            if i > 0 and self.split_at is not None:
+                self.actor_layers.append((np.ascontiguousarray(wa.T), a.bias.detach().numpy().copy()))
+                self.critic_layers.append((np.ascontiguousarray(wc.T), c.bias.detach().numpy().copy()))
+                continue
             if i == 0:  # both read the observation
                 w = np.concatenate([wa, wc], axis=0)
             else:  # block-diagonal: actor units feed actor units, critic units critic units
@@ -163,16 +183,27 @@ class NumpyPolicy:
         if not self.discrete:
             self.log_std = policy.log_std.detach().numpy().copy()
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:
-        """``(N, n_out + 1)``: actor output and value side by side."""
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(out, value)``: actor output ``(N, n_out)`` and value ``(N,)``."""
+        if self.split_at is not None:
+            w, b = self.layers[0]
+            h = self._act(x @ w + b)
+            outs = []
+            for h_part, layers in ((h[:, : self.split_at], self.actor_layers), (h[:, self.split_at:], self.critic_layers)):
+                for w, b in layers[:-1]:
+                    h_part = self._act(h_part @ w + b)
+                w, b = layers[-1]
+                outs.append(h_part @ w + b)
+            return outs[0], outs[1][:, 0]
         for w, b in self.layers[:-1]:
             x = self._act(x @ w + b)
         w, b = self.layers[-1]
-        return x @ w + b
+        fused = x @ w + b
+        return fused[:, : self.n_out], fused[:, self.n_out]
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         """``V(s)``: ``(N, obs_dim)`` float32 -> ``(N,)``."""
-        return self._forward(obs)[:, self.n_out]
+        return self._forward(obs)[1]
 
     def act(self, obs: np.ndarray, rng: np.random.Generator | None = None, noise: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -181,8 +212,7 @@ class NumpyPolicy:
         The randomness is ``noise`` (uniforms ``(N,)`` or standard normals ``(N, d)``, float32, as
         :meth:`proxrl.control.distributions.ActionDist.noise` draws them) or, when None, drawn from ``rng``.
         """
-        fused = self._forward(obs)
-        out, value = fused[:, : self.n_out], fused[:, self.n_out]
+        out, value = self._forward(obs)
         n = obs.shape[0]
         if self.discrete:
             logits = out.T  # (n_actions, N): reductions over a few actions are cheaper across rows

@@ -70,8 +70,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # MuJoCo: rl-baselines3-zoo hyperparams/ppo.yml, its tuned *-v4 entries (the zoo has no v5 entries; v5 keeps
 # v4's dynamics and rewards). Translation: zoo batch_size b with n_steps n x n_envs e -> num_minibatches
 # n*e/b; `normalize: true` (VecNormalize) -> norm_obs + norm_reward; SB3's value loss is the plain MSE and
-# ours is 0.5*MSE, so value_coef = 2 * vf_coef; constant learning rates stay constant. The zoo's
-# ortho_init=False (HalfCheetah, Hopper) is not reproduced: proxrl's MLPs are always orthogonally initialised.
+# ours is 0.5*MSE, so value_coef = 2 * vf_coef; constant learning rates stay constant; the zoo's
+# ortho_init=False (HalfCheetah, Hopper) -> ortho_init False (PyTorch's default Linear init, as SB3's).
 # Evaluation as the zoo's: 5 episodes every 25k steps.
 PRESETS.update({
     # zoo HalfCheetah-v4 (tuned): n_envs 1, n_steps 512, batch 64, n_epochs 20, lr 2.0633e-5, gamma 0.98,
@@ -82,7 +82,8 @@ PRESETS.update({
         "num_minibatches": 8, "epochs": 20, "learning_rate": 2.0633e-5, "lr_schedule": "constant",
         "gamma": 0.98, "gae_lambda": 0.92, "clip_coef": 0.1, "entropy_coef": 0.000401762,
         "value_coef": 1.16192, "max_grad_norm": 0.8, "init_log_std": -2.0, "activation": "relu",
-        "hidden_sizes": "256,256", "norm_obs": True, "norm_reward": True, "eval_every": 25_000, "eval_episodes": 5,
+        "hidden_sizes": "256,256", "ortho_init": False, "norm_obs": True, "norm_reward": True,
+        "eval_every": 25_000, "eval_episodes": 5,
     },
     # zoo Hopper-v4 (tuned): n_envs 1, n_steps 512, batch 32, n_epochs 5, lr 9.80828e-5, gamma 0.999,
     # gae_lambda 0.99, clip 0.2, ent_coef 0.00229519, vf_coef 0.835671, max_grad_norm 0.7,
@@ -92,7 +93,8 @@ PRESETS.update({
         "num_minibatches": 16, "epochs": 5, "learning_rate": 9.80828e-5, "lr_schedule": "constant",
         "gamma": 0.999, "gae_lambda": 0.99, "clip_coef": 0.2, "entropy_coef": 0.00229519,
         "value_coef": 1.671342, "max_grad_norm": 0.7, "init_log_std": -2.0, "activation": "relu",
-        "hidden_sizes": "256,256", "norm_obs": True, "norm_reward": True, "eval_every": 25_000, "eval_episodes": 5,
+        "hidden_sizes": "256,256", "ortho_init": False, "norm_obs": True, "norm_reward": True,
+        "eval_every": 25_000, "eval_episodes": 5,
     },
     # zoo Walker2d-v4 (tuned): n_envs 1, n_steps 512, batch 32, n_epochs 20, lr 5.05041e-5, gamma 0.99,
     # gae_lambda 0.95, clip 0.1, ent_coef 0.000585045, vf_coef 0.871923, max_grad_norm 1, SB3's default
