@@ -133,7 +133,7 @@ def test_ortho_init_false_keeps_pytorchs_default_linear_init():
     assert torch.allclose(w.T @ w, 2.0 * torch.eye(5), atol=1e-5)
     assert float(ortho.actor[2].weight.detach().norm(dim=1).max()) == pytest.approx(0.01, rel=1e-4)
     assert float(ortho.critic[2].weight.detach().norm()) == pytest.approx(1.0, rel=1e-5) and not ortho.actor[0].bias.any()
-    assert not math.isclose(float(plain.actor[0].bias.abs().sum()), 0.0)
+    assert not math.isclose(float(plain.actor[0].bias.detach().abs().sum()), 0.0)
 
     cfg = ControlConfig(env_id="CartPole-v1", ortho_init=False)
     venv, info = make_vector_env("CartPole-v1", 1, "sync")
