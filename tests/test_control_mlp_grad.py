@@ -80,6 +80,28 @@ def test_fast_gradients_float32_match_autograd(discrete):
     np.testing.assert_allclose(np_stats, ref_stats, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("discrete", [True, False], ids=["Discrete", "Box"])
+def test_surrogate_gradient_on_ties_and_clip_boundaries_equals_autograd(discrete):
+    """Ratios exactly at 1 - eps, 1, 1 + eps and beyond, with advantages of both signs and exactly 0: where min()
+    ties and clamp() sits on its boundary the closed form must still give autograd's gradient."""
+    cfg = ControlConfig(**{**PRESETS["CartPole-v1"], "normalize_advantages": False})
+    eps = 0.25  # exact in binary: 1 +- eps and log(1 +- eps) ratios are reproducible
+    policy, flat, batch = _setup(discrete, (8,), "tanh", m=24)
+    obs, actions = batch[0], batch[1]
+    with torch.no_grad():
+        logp = policy.evaluate(obs, actions)[0]
+    ratios = torch.tensor([1 - eps, 1.0, 1 + eps, 0.5, 1.5, 1 + eps / 2] * 4, dtype=torch.float64)
+    adv = torch.tensor([1.0] * 6 + [-1.0] * 6 + [0.0] * 6 + [2.0, -2.0, 0.5, -0.5, 3.0, -3.0], dtype=torch.float64)
+    old_logp = logp - torch.log(ratios)
+    batch = (obs, actions, old_logp, batch[3], adv, batch[5])
+    ref_grad, ref_stats = _grad(TorchPPOGradient(policy, flat, cfg, clip_coef=eps), flat, batch)
+    np_grad, np_stats = _grad(NumpyPPOGradient(policy, cfg, clip_coef=eps), flat, batch, as_numpy=True)
+    torch.testing.assert_close(np_grad, ref_grad, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np_stats[:4], ref_stats[:4], rtol=1e-9, atol=1e-12)
+    # clipfrac counts |r - 1| > eps: a ratio on the boundary may round to either side of it in exp(log r)
+    assert abs(np_stats[4] - ref_stats[4]) <= 8 / 24
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fast_gradients_with_large_products_match_autograd(dtype):
     """HalfCheetah's shapes (17 -> 256 -> 256 -> 6 ReLU, minibatch 64): the 256x256 products are large enough to

@@ -134,9 +134,10 @@ class NumpyPPOGradient:
         unclipped = ratio * adv
         clipped = np.clip(ratio, 1.0 - eps, 1.0 + eps) * adv
         surrogate = np.minimum(unclipped, clipped)
-        w = _min_weight(unclipped, clipped)
-        in_range = (ratio >= 1.0 - eps) & (ratio <= 1.0 + eps)
-        g_logp = unclipped * (w + (1.0 - w) * in_range)
+        # w + (1 - w) [1-eps <= r <= 1+eps] is exactly [unclipped <= clipped]: in the clip range the two terms
+        # are equal (w = 1/2, indicator 1: weight 1); outside it they differ unless A = 0 (then the gradient is
+        # 0 either way), and the weight is 1 where the unclipped term is the smaller, 0 where it is the larger
+        g_logp = unclipped * (unclipped <= clipped)
         g_logp *= -1.0 / m
 
         # value loss (core.value_loss) and its gradient w.r.t. V
