@@ -47,6 +47,8 @@ Usage:
     python benchmarks/control_bench.py --env halfcheetah --quick              # 20,480 steps, 1 seed per side
     python benchmarks/control_bench.py --env halfcheetah --sides proxrl --halfcheetah-seeds 1 \
         --halfcheetah-seed-start 2 --halfcheetah-add-json /tmp/hc.json   # one more proxrl seed, reported with hc.json's
+    python benchmarks/control_bench.py --env halfcheetah --halfcheetah-seeds 0 --halfcheetah-add-json a.json:sb3 \
+        --halfcheetah-add-json b.json --json all.json     # no new run: one report of earlier runs (sb3 side of a.json)
     python benchmarks/control_bench.py --env halfcheetah --profile /tmp/hc.prof --halfcheetah-steps 20480
     python benchmarks/control_bench.py --profile /tmp/cartpole.prof   # where proxrl's CartPole time goes: a
                                       # stage-timer split of one run, then one run under cProfile
@@ -512,8 +514,9 @@ def main() -> None:
                    help=f"HalfCheetah env steps per run (default {STEPS['halfcheetah']}; --quick {QUICK_STEPS['halfcheetah']})")
     p.add_argument("--halfcheetah-seed-start", type=int, default=0,
                    help="first HalfCheetah seed (seeds START..START+n-1; to add seeds to an earlier run)")
-    p.add_argument("--halfcheetah-add-json", default=None, metavar="EARLIER.json",
-                   help="also report the HalfCheetah runs of an earlier --json of this script (e.g. more seeds)")
+    p.add_argument("--halfcheetah-add-json", action="append", default=[], metavar="EARLIER.json[:SIDE]",
+                   help="also report the HalfCheetah runs of an earlier --json of this script (e.g. more seeds; "
+                        "repeatable; ':sb3' or ':proxrl' takes only that side's runs)")
     p.add_argument("--proxrl-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ControlConfig field of the proxrl side, any env (repeatable; VALUE is a YAML "
                         "scalar), e.g. --proxrl-set vector_mode=native")
@@ -626,12 +629,14 @@ def main() -> None:
                                                    indent=1, default=lambda x: None))
 
         runs = _interleaved_halfcheetah(hc_seeds, hc_steps, sides, proxrl_set, partial, a.halfcheetah_seed_start)
-        if a.halfcheetah_add_json:  # earlier runs first; a (side, seed) measured twice keeps the new run
-            earlier = json.loads(Path(a.halfcheetah_add_json).read_text())["halfcheetah"]
+        for spec in a.halfcheetah_add_json:  # earlier runs first; a (side, seed) measured twice keeps the newer run
+            path, _, only = spec.rpartition(":") if spec.endswith((":sb3", ":proxrl")) else (spec, "", "")
+            earlier = json.loads(Path(path).read_text())["halfcheetah"]
             new = {(r["side"], r["seed"]) for r in runs}
-            runs = [r for r in earlier["runs"] if (r["side"], r["seed"]) not in new] + runs
+            runs = [r for r in earlier["runs"] if (r["side"], r["seed"]) not in new and only in ("", r["side"])] + runs
             for side, n in earlier.get("steps", {}).items():
-                hc_steps.setdefault(side, n)
+                if only in ("", side):
+                    hc_steps.setdefault(side, n)
         results["halfcheetah"] = {"runs": runs, "added_from": a.halfcheetah_add_json, "steps": hc_steps,
                                   "seeds": {s_: sum(r["side"] == s_ for r in runs) for s_ in ("sb3", "proxrl")}}
     meta["loadavg_end"] = os.getloadavg()
