@@ -145,6 +145,23 @@ def _make_breakout(**kwargs):
     return gym.make("ALE/Breakout-v5", **kwargs)
 
 
+class _GameReturns(BaseCallback):
+    """After each rollout: (frames, mean raw whole-game score of the last 100 finished games) from SB3's
+    Monitor, which sits under the Atari wrappers (no life loss ends its episode, no reward clipping)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.curve: list[tuple[int, float, int]] = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        buf = self.model.ep_info_buffer
+        if buf:
+            self.curve.append((4 * self.num_timesteps, statistics.fmean(e["r"] for e in buf), len(buf)))
+
+
 def run_breakout(seed: int, steps: int) -> dict:
     from stable_baselines3.common.env_util import make_atari_env
     from stable_baselines3.common.vec_env import SubprocVecEnv, VecFrameStack
@@ -156,13 +173,15 @@ def run_breakout(seed: int, steps: int) -> dict:
         clip_range_vf=0.1, ent_coef=0.01, vf_coef=0.25, max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95,
         seed=seed, verbose=0, device="cpu",
     )
+    games = _GameReturns()
     t0, c0 = time.perf_counter(), time.process_time()
-    model.learn(steps)
+    model.learn(steps, callback=games)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     env.close()
     return {
         "steps": int(model.num_timesteps),
         "frames": 4 * int(model.num_timesteps),
+        "game_return_curve": games.curve,  # (frames, mean whole-game score of the last <= 100 games, games)
         "learner_cpu_seconds": cpu,  # this process only (policy + updates); the env workers are other processes
         "train_seconds": wall,
         "steps_per_second": model.num_timesteps / wall,
