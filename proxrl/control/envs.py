@@ -30,8 +30,8 @@ from gymnasium.vector import AutoresetMode
 from proxrl.control.distributions import ActionDist, action_dist_for
 from proxrl.errors import UserCodeError, UserError
 
-__all__ = ["EnvFactory", "LeanSyncVectorEnv", "SpaceInfo", "make_env_fn", "make_vector_env", "space_info", "AUTORESET_MODE", "derive_seed",
-           "env_call", "env_error"]
+__all__ = ["EnvFactory", "LeanSyncVectorEnv", "SpaceInfo", "make_env_fn", "make_vector_env", "space_info",
+           "AUTORESET_MODE", "derive_seed", "env_call", "env_error"]
 
 AUTORESET_MODE = AutoresetMode.NEXT_STEP
 EnvFactory = Callable[[], gym.Env]

@@ -41,11 +41,12 @@ def build_mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: st
         layers += [nn.Linear(prev, width), act()]
         prev = width
     layers.append(nn.Linear(prev, out_dim))
-    for layer in layers if ortho_init else ():
-        if isinstance(layer, nn.Linear):
-            gain = head_gain if layer is layers[-1] else math.sqrt(2.0)
-            nn.init.orthogonal_(layer.weight, gain)
-            nn.init.zeros_(layer.bias)
+    if ortho_init:  # otherwise nn.Linear's own init stays
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                gain = head_gain if layer is layers[-1] else math.sqrt(2.0)
+                nn.init.orthogonal_(layer.weight, gain)
+                nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
 
 
