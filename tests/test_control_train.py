@@ -132,3 +132,25 @@ def test_cartpole_preset_learns(tmp_path):
     assert max(evals) >= 200, evals  # stopped at the first evaluation >= 200 ...
     assert rows[-1]["global_step"] <= 30_000, evals  # ... well before the preset's 100k steps
     assert sum(first_returns) / len(first_returns) < 60
+
+
+def _flushes_denormals() -> bool:
+    """Whether this thread flushes float32 denormals to zero (1e-39 is one)."""
+    return float(torch.tensor([1e-30], dtype=torch.float32) * 1e-9) == 0.0
+
+
+def test_denormals_flushed_during_training_and_restored_after(tmp_path):
+    import gymnasium as gym
+
+    seen = []
+
+    class Probe(gym.Wrapper):
+        def step(self, action):
+            seen.append(_flushes_denormals())
+            return self.env.step(action)
+
+    assert not _flushes_denormals()
+    train(_cartpole(total_steps=256, vector_mode="sync"), tmp_path / "r", progress=False,
+          env_fn=lambda: Probe(gym.make("CartPole-v1")))
+    assert seen and all(seen)
+    assert not _flushes_denormals()

