@@ -10,7 +10,9 @@ minibatch permutations, and then:
   is ~4e-6 of the update's largest step; the test allows 1e-4), for both gradient backends; one changed
   hyperparameter (e.g. the value coefficient without the factor 2 of SB3's MSE, see
   :mod:`proxrl.control.presets`) moves it beyond 1e-3;
-* the logged means (policy loss, value loss, entropy, clip fraction) agree.
+* the logged means (policy loss, value loss, entropy, clip fraction) agree;
+* proxrl's observation and reward normalisers return what SB3's ``VecNormalize`` returns on the same stream of
+  observations, rewards and episode ends.
 
 Pendulum-v1 (Gaussian policy, truncation at 200 steps) and CartPole-v1 (categorical, terminations), 2 envs.
 Skipped when stable-baselines3 is not installed (``pip install proxrl[dev]`` installs it).
@@ -23,9 +25,10 @@ import torch
 from torch import nn
 
 sb3 = pytest.importorskip("stable_baselines3")
+import gymnasium as gym  # noqa: E402
 from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.utils import obs_as_tensor  # noqa: E402
-from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
+from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize  # noqa: E402
 
 from proxrl.control.adam import FlatAdam  # noqa: E402
 from proxrl.control.config import ControlConfig  # noqa: E402
@@ -33,6 +36,7 @@ from proxrl.control.flat_params import flatten_parameters  # noqa: E402
 from proxrl.control.policy import ActorCritic  # noqa: E402
 from proxrl.control.ppo import compute_advantages, ppo_update  # noqa: E402
 from proxrl.control.rollout import Rollout  # noqa: E402
+from proxrl.control.running_stats import ObsNormalizer, RewardScaler  # noqa: E402
 
 N_ENVS, N_STEPS, BATCH, EPOCHS = 2, 256, 64, 3  # 256 steps: Pendulum truncates (200) inside the rollout
 HP = dict(learning_rate=3e-4, gamma=0.98, gae_lambda=0.92, clip_range=0.1, ent_coef=0.01, vf_coef=0.58,
@@ -195,3 +199,47 @@ def test_sb3_comparison_catches_a_changed_hyperparameter(sb3_update, change):
     after, _ = _proxrl_after(env_id, policy, rollout, "numpy", **change)
     step_sb3 = after_sb3 - before
     assert (after - after_sb3).abs().max() > 1e-3 * step_sb3.abs().max()
+
+
+class _Replay(gym.Env):
+    """Observations around a non-zero mean, rewards, and episode ends every 17-29 steps, from a seeded stream."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.left = 0
+
+    def _obs(self):
+        return (self.rng.normal(5.0, 3.0, 3) * [1, 10, 0.1]).astype(np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        self.left = int(self.rng.integers(17, 30))
+        return self._obs(), {}
+
+    def step(self, action):
+        self.left -= 1
+        return self._obs(), float(self.rng.normal(1.0, 2.0)), self.left == 0, False, {}
+
+
+def test_normalisers_equal_vecnormalize():
+    """SB3's ``VecNormalize`` (observations: running mean/var, clip 10; rewards: scaled by the running std of the
+    discounted return, reset at episode ends) against :class:`ObsNormalizer` + :class:`RewardScaler` fed the raw
+    values it saw, 300 steps of 2 envs with 20+ episode ends."""
+    gamma = 0.98
+    vn = VecNormalize(DummyVecEnv([lambda i=i: _Replay(i) for i in range(2)]), gamma=gamma)
+    obs_norm, scaler = ObsNormalizer(3, True), RewardScaler(2, gamma, True)
+    out = np.empty((2, 3), np.float32)
+    first = vn.reset()
+    np.testing.assert_allclose(obs_norm(vn.get_original_obs(), out, update=True), first, rtol=1e-6, atol=1e-6)
+    ends = 0
+    for _ in range(300):
+        obs, reward, done, _ = vn.step(np.zeros(2, dtype=np.int64))
+        ends += int(done.sum())
+        ours_r = scaler(vn.get_original_reward(), done, np.ones(2, bool))
+        np.testing.assert_allclose(ours_r, reward, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(obs_norm(vn.get_original_obs(), out, update=True), obs, rtol=1e-6, atol=1e-6)
+    assert ends >= 20
+    np.testing.assert_allclose(obs_norm.rms.var, vn.obs_rms.var, rtol=1e-7)
+    np.testing.assert_allclose(scaler.rms.var, vn.ret_rms.var, rtol=1e-7)
