@@ -220,9 +220,10 @@ def ppo_update(
             minibatches = [slice(None)]
         else:
             perm = torch.randperm(n_real, generator=generator)
-            if world == 1:  # shuffle once, then contiguous slices: the same minibatches as gathering each one
-                perm = perm.numpy() if backend == "numpy" else perm.to(device)
-                epoch_batch = tuple(t[perm] for t in batch)
+            if world == 1 and backend == "numpy":  # shuffle once, then contiguous slices: the same minibatches
+                # as gathering each one, in one gather per array instead of one per minibatch (small MLP inputs;
+                # image batches keep the per-minibatch gather, which needs no second copy of the batch)
+                epoch_batch = tuple(t[perm.numpy()] for t in batch)
                 q, r = divmod(n_real, n_splits)  # tensor_split's sizes: the first r parts one longer
                 starts = [i * q + min(i, r) for i in range(n_splits + 1)]
                 minibatches = [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
