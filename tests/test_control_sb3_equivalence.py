@@ -126,8 +126,9 @@ def _flat_sb3(model) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=["Pendulum-v1", "CartPole-v1"])
 def sb3_update(request):
-    """SB3 after one collected rollout and one ``train()``: (env_id, initial flat weights, final flat weights,
-    logged values, the rollout as proxrl's, SB3's advantages and returns (T, N))."""
+    """SB3 after one collected rollout and one ``train()``: (env_id, proxrl's policy holding SB3's initial weights,
+    SB3's flat weights before and after, SB3's logged values, the rollout as proxrl's, SB3's advantages and
+    returns ``(T, N)``). ``np.random.permutation`` is replaced during ``train()`` by proxrl's permutations."""
     torch.set_num_threads(1)
     env_id = request.param
     model = _sb3_model(env_id)
