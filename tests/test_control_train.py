@@ -139,7 +139,7 @@ def _flushes_denormals() -> bool:
     return float(torch.tensor([1e-30], dtype=torch.float32) * 1e-9) == 0.0
 
 
-def test_denormals_flushed_during_training_and_restored_after(tmp_path):
+def test_denormals_flushed_during_training_and_evaluation_and_restored_after(tmp_path):
     import gymnasium as gym
 
     seen = []
@@ -152,5 +152,10 @@ def test_denormals_flushed_during_training_and_restored_after(tmp_path):
     assert not _flushes_denormals()
     train(_cartpole(total_steps=256, vector_mode="sync"), tmp_path / "r", progress=False,
           env_fn=lambda: Probe(gym.make("CartPole-v1")))
+    assert seen and all(seen)
+    assert not _flushes_denormals()
+    # `proxrl eval` evaluates as training's evaluations did: flushed, then restored
+    seen.clear()
+    evaluate_run(tmp_path / "r", episodes=1, env_fn=lambda: Probe(gym.make("CartPole-v1")))
     assert seen and all(seen)
     assert not _flushes_denormals()

@@ -158,9 +158,11 @@ def evaluate_run(
             env_fn=env_fn, fmt=video_format, name_prefix=f"eval-step-{agent.state.get('global_step', 0)}")]
     deterministic = agent.cfg.eval_deterministic if deterministic is None else deterministic
     evaluator = Evaluator(agent.cfg.env_id, episodes, agent.cfg.vector_mode, env_fn, deterministic=deterministic)
+    torch.set_flush_denormal(True)  # as during training's evaluations (trainer.py), so the logged return is reproduced
     try:
         result = evaluator.evaluate(agent.policy, agent.obs_norm, seed)
     finally:
+        torch.set_flush_denormal(False)
         evaluator.close()
     return {**result, "episodes": episodes, "checkpoint": str(agent.checkpoint), "seed": seed, "device": str(dev),
             "videos": videos, "deterministic": deterministic}
