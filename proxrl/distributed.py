@@ -55,6 +55,8 @@ __all__ = [
     "resolve_device",
     "configure_device",
     "autocast",
+    "native_bf16",
+    "require_native_bf16",
     "init_distributed",
     "dist_info",
     "is_main",
@@ -185,6 +187,27 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     if bf16 and device.type in ("cuda", "cpu"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA device, or a CPU with AVX512-BF16 or AMX (oneDNN's
+    own probe). Elsewhere torch emulates bf16 matmuls and convolutions, ~10-20x slower than float32 (a 4-layer
+    GPT-2 forward+backward, the Nature CNN: benchmarks/README.md)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe is not None and probe())
+
+
+def require_native_bf16(device: torch.device) -> None:
+    """One-line :class:`UserError` for ``--bf16 true`` on a CPU without native bfloat16 (:func:`native_bf16`),
+    where bf16 autocast would make training ~10-20x slower instead of faster; nothing on CUDA or other devices
+    (where :func:`autocast` does not apply bf16)."""
+    if device.type == "cpu" and not native_bf16(device):
+        raise UserError("--bf16 true: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bf16 autocast would run "
+                        "~10-20x slower than float32 here; use --bf16 false (or a CUDA device)")
 
 
 # ============================================================================================ process group

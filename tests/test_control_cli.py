@@ -295,3 +295,16 @@ def test_a_second_process_on_a_running_run_gets_one_line(capsys, cartpole_run):
         holder.kill()
         holder.wait()
     assert read_metrics(cartpole_run)[-1]["global_step"] == 512  # nothing written by the refused run
+
+
+def test_bf16_cnn_on_a_cpu_without_native_bfloat16_is_one_line(capsys, tmp_path, monkeypatch):
+    """bf16 autocast emulated on an AVX2-only CPU made the Nature CNN's forward+backward ~12x slower, silently."""
+    pytest.importorskip("ale_py")
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    run = tmp_path / "r"
+    code, _, err = run_cli(capsys, "train", "ALE/Breakout-v5", "--bf16", "true", "--device", "cpu", "--num-envs", "1",
+                           "--vector-mode", "sync", "--run-dir", run, *QUICK)
+    assert_one_line_error(code, err, "--bf16 true", "no native bfloat16", "use --bf16 false")
+    assert list_checkpoints(run) == [] and not (run / "metrics.jsonl").exists()  # (the directory is reused on a rerun)

@@ -636,6 +636,23 @@ def test_autocast_and_configure_on_cpu():
         assert (a @ a).dtype == torch.float32
 
 
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_refused_only_on_a_cpu_without_native_bfloat16(monkeypatch, native):
+    # torch's own probe (oneDNN: AVX512-BF16 or AMX) decides; without it bf16 autocast is emulated, ~10-20x slower
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    cpu = torch.device("cpu")
+    assert D.native_bf16(cpu) is native
+    assert D.native_bf16(torch.device("cuda", 0)) and not D.native_bf16(torch.device("meta"))
+    if native:
+        D.require_native_bf16(cpu)
+    else:
+        with pytest.raises(UserError, match=r"^--bf16 true: this CPU has no native bfloat16 .*use --bf16 false"):
+            D.require_native_bf16(cpu)
+    D.require_native_bf16(torch.device("cuda", 0))  # CUDA computes bf16 natively
+    D.require_native_bf16(torch.device("meta"))  # no autocast there (D.autocast): nothing to refuse
+
+
 # ---------------------------------------------------------------------------------------------- CUDA (lent GPUs)
 
 @pytest.mark.parametrize("bf16", [True, False])

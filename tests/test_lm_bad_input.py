@@ -77,6 +77,27 @@ def test_bad_reward_names_the_sample_and_a_rerun_reuses_the_run_dir(capsys, tmp_
     assert (run / "policy" / "config.json").is_file() and (run / "checkpoints" / "step_000000001").is_dir()
 
 
+
+@pytest.mark.parametrize("stage", ["ppo", "sft", "reward-model"])
+def test_bf16_on_a_cpu_without_native_bfloat16_is_one_line(capsys, tmp_path, policy_dir, monkeypatch, stage):
+    # torch's probe says this CPU has no AVX512-BF16/AMX (as on AVX2-only machines, where autocast emulates bf16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    run = tmp_path / "run"
+    data = tmp_path / "data.jsonl"
+    if stage == "ppo":
+        argv = ["ppo", "--policy", policy_dir, "--prompts", "sentiment", "--reward-fn",
+                _reward_file(tmp_path, "    return [1.0] * len(completions)\n")]
+    elif stage == "sft":
+        data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+        argv = ["sft", "--model", policy_dir, "--data", data]
+    else:
+        data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+        argv = ["reward-model", "--model", policy_dir, "--data", data]
+    code, err = run_cli(capsys, *argv, "--run-dir", run, "--device", "cpu", "--bf16", "true")
+    assert_one_line(code, err, "--bf16 true", "no native bfloat16", "use --bf16 false")
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
 # ------------------------------------------------------------------------------------------------ ppo resume
 
 def _reward_file(tmp_path: Path, body: str, name: str = "r.py") -> str:

@@ -385,7 +385,10 @@ def test_reward_model_scores_at_last_response_token(policy_dir, tmp_path):
     assert len(_metrics(tmp_path / "run")) == 2
 
 
-def test_cli_style_resume_reads_prompts_and_reward_spec_from_run(policy_dir, tmp_path):
+def test_cli_style_resume_reads_prompts_and_reward_spec_from_run(policy_dir, tmp_path, monkeypatch):
+    # bf16 on the CPU runs (slowly, emulated) where the CPU lacks native bf16, which --bf16 true refuses: the probe
+    # says yes so that this run, and its resume, take the bf16 path on every machine
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     fn_file = tmp_path / "rew.py"
     fn_file.write_text("def reward(prompts, completions):\n    return [float(c.count('e')) for c in completions]\n")
     cfg = _cfg(policy_dir, tmp_path / "run", total_updates=1, reward_fn=f"{fn_file}:reward", bf16=True,

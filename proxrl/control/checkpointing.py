@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from proxrl import distributed as D
 from proxrl.config import from_dict, to_dict
 from proxrl.control.adam import FlatAdam
 from proxrl.control.config import ControlConfig, parse_hidden_sizes
@@ -48,7 +49,7 @@ def build_policy(cfg: ControlConfig, info: SpaceInfo, training: bool = True) -> 
         from proxrl.control.cnn import CNNActorCritic, image_layout
 
         if cfg.bf16 and training:  # (a saved bf16 policy still evaluates anywhere, slowly without support)
-            _check_bf16_supported()
+            _check_bf16_supported(cfg)
         if not cfg.ortho_init:
             raise UserError(f"ortho_init=false is for MLP policies; {cfg.env_id!r} has image observations, whose Nature "
                             "CNN is always orthogonally initialised (CleanRL): use --ortho-init true")
@@ -66,14 +67,9 @@ def build_policy(cfg: ControlConfig, info: SpaceInfo, training: bool = True) -> 
     return MLPActorCritic(info.obs_dim, info.dist, hidden, cfg.activation, cfg.init_log_std, cfg.ortho_init)
 
 
-def _check_bf16_supported() -> None:
-    """UserError unless CUDA is available or the CPU computes bfloat16 natively (AVX512-BF16 / AMX)."""
-    if torch.cuda.is_available():
-        return
-    is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if is_supported is None or not is_supported():
-        raise UserError("bf16=true: this CPU has no native bfloat16 support (AVX512-BF16/AMX) and no CUDA device "
-                        "is available; bf16 would be slower than float32 here: use --bf16 false")
+def _check_bf16_supported(cfg: ControlConfig) -> None:
+    """UserError unless the device the CNN trains on (``cfg.device``) computes bfloat16 natively."""
+    D.require_native_bf16(D.resolve_device(cfg.device))
 
 
 def _space_state(info: SpaceInfo) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -174,8 +174,8 @@ class ControlConfig:
     bf16: bool = opt(
         False,
         "Run the CNN policy's convolutions and matmuls under torch.autocast(bfloat16) (CUDA, and CPUs with "
-        "AVX512-BF16/AMX, ~2x faster here); weights, optimizer, log-probs and losses stay float32. Image (CNN) "
-        "policies only, autograd backend.",
+        "AVX512-BF16/AMX, ~2x faster there; refused on other CPUs, where bf16 is emulated ~10x slower); weights, "
+        "optimizer, log-probs and losses stay float32. Image (CNN) policies only, autograd backend.",
     )
     video_every: int = opt(
         0,

@@ -94,7 +94,7 @@ class PPOConfig:
     stop_strings: str = opt("", "comma-separated strings that end a completion (like EOS; '\\n' = newline); empty = none")
     # ---- systems
     device: str = opt("auto", "where the models, rollouts and optimizer state live: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; under torchrun each process takes cuda:LOCAL_RANK. The device used is printed and saved in config.yaml; checkpoints do not depend on it (a run resumes on another device)")
-    bf16: bool = opt(False, "run forwards under torch.autocast(bfloat16) on CUDA and CPU (weights and optimizer stay float32)")
+    bf16: bool = opt(False, "run forwards under torch.autocast(bfloat16) on CUDA, or on a CPU with native bf16 (AVX512-BF16/AMX; refused on other CPUs, where it runs ~10-20x slower); weights and optimizer stay float32")
     fsdp: bool = opt(False, "shard the policy and critic (their weights, gradients and AdamW state) over the torchrun processes with FSDP2; needs several processes; the reference and reward model are replicated; outputs are still whole from_pretrained directories")
     gradient_checkpointing: bool = opt(False, "recompute each transformer layer's activations in the backward pass (less memory, ~30% more training compute)")
     forward_batch_size: int = opt(0, "rows per forward in the rollout's reference, critic and reward-model passes (bounds their memory on long completions); 0 = the whole rollout at once")

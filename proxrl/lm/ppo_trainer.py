@@ -93,6 +93,8 @@ def train_ppo(cfg: PPOConfig, prompts: Sequence[str] | None = None, *, reward_fn
     Under torchrun every process calls it (see the module doc); rank 0 holds the run directory's lock.
     """
     device = D.resolve_device(cfg.device)
+    if cfg.bf16:
+        D.require_native_bf16(device)
     if cfg.fsdp:
         D.require_distributed("--fsdp")
     dist = D.init_distributed(device)

@@ -218,6 +218,8 @@ def train_supervised(cfg: Config, prepare: Callable[[], Prepared], *, resume: bo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = D.resolve_device(cfg.device)
+    if cfg.bf16:
+        D.require_native_bf16(device)
     if cfg.fsdp:
         D.require_distributed("--fsdp")
     dist = D.init_distributed(device)

@@ -52,7 +52,7 @@ class SupervisedOptions:
     threads: int = opt(0, "torch CPU threads; 0 = leave torch's setting")
     progress: bool = opt(True, "show a progress bar (on a terminal)")
     device: str = opt("auto", DEVICE_HELP)
-    bf16: bool = opt(False, "run forwards under torch.autocast(bfloat16) on CUDA and CPU (weights and optimizer stay float32)")
+    bf16: bool = opt(False, "run forwards under torch.autocast(bfloat16) on CUDA, or on a CPU with native bf16 (AVX512-BF16/AMX; refused on other CPUs, where it runs ~10-20x slower); weights and optimizer stay float32")
     fsdp: bool = opt(False, "shard the model, its gradients and optimizer state over the torchrun processes with FSDP2 (needs several processes); the outputs are still whole from_pretrained directories")
 
     #: what a ``--resume`` may change: the length of the run, how it is logged and saved, and where it runs (the
