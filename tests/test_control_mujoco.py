@@ -46,3 +46,31 @@ def test_halfcheetah_preset_is_the_zoo_entry():
                 "entropy_coef": 0.000401762, "max_grad_norm": 0.8, "init_log_std": -2.0, "hidden_sizes": "256,256",
                 "activation": "relu", "lr_schedule": "constant"}
     assert {k: p[k] for k in expected} == expected
+
+
+_DEPRECATED_XML = ('<mujoco><compiler settotalmass="5"/><worldbody><body><joint type="free"/><geom size="0.1"/>'
+                   '</body></worldbody></mujoco>')
+
+
+def test_mujoco_model_deprecations_are_quiet_and_other_warnings_still_show(capfd, tmp_path, monkeypatch):
+    """MuJoCo 4 printed a deprecation of Gymnasium's half_cheetah.xml on every env built (8 lines per short run)
+    and wrote MUJOCO_LOG.TXT into the working directory."""
+    mujoco = pytest.importorskip("mujoco")
+    monkeypatch.chdir(tmp_path)
+    before = mujoco.get_mju_user_warning()
+    try:
+        require_extra_for("HalfCheetah-v5")  # what every MuJoCo run calls first
+        require_extra_for("Hopper-v5")  # installed once: not wrapped twice
+        model = mujoco.MjModel.from_xml_string(_DEPRECATED_XML)  # the same deprecated attribute as half_cheetah.xml
+        env = gym.make("HalfCheetah-v5")
+        env.close()
+        out, err = capfd.readouterr()
+        assert "deprecated" not in out + err
+        data = mujoco.MjData(model)  # a real problem is still reported, once, on stderr
+        data.qvel[0] = float("nan")
+        mujoco.mj_step(model, data)
+        out, err = capfd.readouterr()
+        assert err.count("WARNING: Nan, Inf or huge value in QVEL") == 1 and "WARNING" not in out
+        assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+    finally:
+        mujoco.set_mju_user_warning(before)

@@ -7,10 +7,13 @@
   (Gymnasium's ``FlattenObservation``: Box entries flattened, Discrete ones one-hot, in the space's key
   order), so the MLP policies take them.
 * :func:`observation_kind` -- ``"vector"`` (MLP), ``"image"`` (CNN) or a UserError naming the space.
+* :func:`quiet_mujoco_model_deprecations` -- MuJoCo's deprecation notices about a model file (Gymnasium's own
+  ``half_cheetah.xml``) are dropped; its other warnings go to stderr.
 """
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -19,7 +22,11 @@ from gymnasium import spaces
 from proxrl.control.atari import is_atari
 from proxrl.errors import UserError
 
-__all__ = ["require_extra_for", "flatten_observations", "needs_flattening", "observation_kind", "is_mujoco"]
+__all__ = ["require_extra_for", "flatten_observations", "needs_flattening", "observation_kind", "is_mujoco",
+           "quiet_mujoco_model_deprecations"]
+
+# MuJoCo >= 4 says this of Gymnasium 1.x's half_cheetah.xml each time the model compiles (every env built)
+_MODEL_DEPRECATION = "is deprecated and will be removed in a future release"
 
 
 def _installed(module: str) -> bool:
@@ -45,8 +52,37 @@ def require_extra_for(env_id: str) -> None:
 
         gym.register_envs(ale_py)  # importing ale_py registers the ids; this keeps the import "used"
         return
-    if is_mujoco(env_id) and not _installed("mujoco"):
-        raise UserError(f"env {env_id!r} needs MuJoCo: pip install 'proxrl[mujoco]'")
+    if is_mujoco(env_id):
+        if not _installed("mujoco"):
+            raise UserError(f"env {env_id!r} needs MuJoCo: pip install 'proxrl[mujoco]'")
+        quiet_mujoco_model_deprecations()
+
+
+def quiet_mujoco_model_deprecations() -> None:
+    """Install a MuJoCo warning handler (once per process) that drops deprecation notices about model files.
+
+    MuJoCo 4 warns that Gymnasium's ``half_cheetah.xml`` uses the deprecated ``settotalmass`` each time the model
+    compiles, i.e. for every env built (8 times in a short run with evaluations), and its default handler also
+    appends each warning to ``MUJOCO_LOG.TXT`` in the working directory. The user can do nothing about either.
+    Every other MuJoCo warning (e.g. "Nan, Inf or huge value in QACC ... The simulation is unstable") goes to the
+    handler installed before, or else to stderr as ``WARNING: ...``, without the log file.
+    """
+    import mujoco
+
+    previous = mujoco.get_mju_user_warning()
+    if getattr(previous, "proxrl_quiet", False):
+        return
+
+    def handler(message: str) -> None:
+        if _MODEL_DEPRECATION in message:
+            return
+        if previous is not None:
+            previous(message)
+        else:
+            print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+    handler.proxrl_quiet = True  # type: ignore[attr-defined]
+    mujoco.set_mju_user_warning(handler)
 
 
 def needs_flattening(space: spaces.Space) -> bool:
