@@ -152,3 +152,22 @@ def test_ortho_init_false_is_refused_for_the_cnn():
     info = SpaceInfo((84, 84, 4), "image", ActionDist("categorical", 1, (4,)))
     with pytest.raises(UserError, match="ortho_init=false is for MLP policies"):
         build_policy(ControlConfig(env_id="CartPole-v1", ortho_init=False), info)
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("hidden_sizes", "256,256", "hidden_sizes='256,256' is for MLP policies"),
+    ("activation", "relu", "activation='relu' is for MLP policies"),
+])
+def test_mlp_options_are_refused_for_the_cnn(option, value, needle):
+    """--hidden-sizes / --activation on an Atari id did nothing, silently (the Nature CNN's layers are fixed)."""
+    from proxrl.control.checkpointing import build_policy
+    from proxrl.control.cnn import CNNActorCritic
+    from proxrl.control.distributions import ActionDist
+    from proxrl.control.envs import SpaceInfo
+
+    info = SpaceInfo((84, 84, 4), "image", ActionDist("categorical", 1, (4,)))
+    with pytest.raises(UserError, match=needle):
+        build_policy(ControlConfig(env_id="CartPole-v1", **{option: value}), info)
+    assert isinstance(build_policy(ControlConfig(env_id="CartPole-v1", **{option: value}), info, training=False),
+                      CNNActorCritic)  # a saved run still loads for evaluation
+    assert isinstance(build_policy(ControlConfig(env_id="CartPole-v1", hidden_sizes="64, 64"), info), CNNActorCritic)

@@ -37,6 +37,10 @@ STATE_KEYS = ("global_step", "update", "env_epoch", "train_seconds", "stopped", 
               "action_rng", "rng", "space", "config")
 
 
+# MLP-only options at their defaults (an image run must leave them there)
+MLP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ControlConfig) if f.name in ("hidden_sizes", "activation")}
+
+
 def build_policy(cfg: ControlConfig, info: SpaceInfo, training: bool = True) -> nn.Module:
     """A freshly initialised policy for ``cfg`` and the env's spaces (uses the global torch RNG).
 
@@ -53,6 +57,13 @@ def build_policy(cfg: ControlConfig, info: SpaceInfo, training: bool = True) -> 
         if not cfg.ortho_init:
             raise UserError(f"ortho_init=false is for MLP policies; {cfg.env_id!r} has image observations, whose Nature "
                             "CNN is always orthogonally initialised (CleanRL): use --ortho-init true")
+        changed = [name for name, same in (
+            ("hidden_sizes", parse_hidden_sizes(cfg.hidden_sizes) == parse_hidden_sizes(MLP_DEFAULTS["hidden_sizes"])),
+            ("activation", cfg.activation == MLP_DEFAULTS["activation"])) if not same]
+        if changed and training:  # the Nature CNN's layers are fixed: such an option would do nothing
+            name, value = changed[0], getattr(cfg, changed[0])
+            raise UserError(f"{name}={value!r} is for MLP policies; {cfg.env_id!r} has image observations, whose Nature "
+                            f"CNN has fixed layers: leave --{name.replace('_', '-')} at {MLP_DEFAULTS[name]!r}")
         return CNNActorCritic(info.obs_shape, info.dist, channels_last=image_layout(info.obs_shape) == "hwc",
                               init_log_std=cfg.init_log_std, bf16=cfg.bf16)
     if cfg.bf16:

@@ -125,8 +125,10 @@ class ControlConfig:
     )
     obs_clip: float = opt(10.0, "Clip normalised observations to +-this (SB3 VecNormalize default 10).")
     reward_clip: float = opt(10.0, "Clip scaled rewards to +-this (SB3 VecNormalize default 10).")
-    hidden_sizes: str = opt("64,64", "Hidden layer widths of the separate actor and critic MLPs (CleanRL default '64,64').")
-    activation: Literal["tanh", "relu"] = opt("tanh", "Hidden activation of both MLPs (CleanRL and SB3 default tanh).")
+    hidden_sizes: str = opt("64,64", "Hidden layer widths of the separate actor and critic MLPs (CleanRL default "
+                           "'64,64'); vector observations only (the Nature CNN of image observations is fixed).")
+    activation: Literal["tanh", "relu"] = opt("tanh", "Hidden activation of both MLPs (CleanRL and SB3 default tanh); "
+                                                     "vector observations only.")
     init_log_std: float = opt(0.0, "Initial log std of the Gaussian policy for Box actions (CleanRL and SB3 default 0).")
     ortho_init: bool = opt(
         True,
