@@ -60,7 +60,9 @@ def test_mujoco_model_deprecations_are_quiet_and_other_warnings_still_show(capfd
     before = mujoco.get_mju_user_warning()
     try:
         require_extra_for("HalfCheetah-v5")  # what every MuJoCo run calls first
-        require_extra_for("Hopper-v5")  # installed once: not wrapped twice
+        handler = mujoco.get_mju_user_warning()
+        require_extra_for("Hopper-v5")
+        assert mujoco.get_mju_user_warning() is handler  # installed once per process, not wrapped again
         model = mujoco.MjModel.from_xml_string(_DEPRECATED_XML)  # the same deprecated attribute as half_cheetah.xml
         env = gym.make("HalfCheetah-v5")
         env.close()
