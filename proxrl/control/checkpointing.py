@@ -57,13 +57,14 @@ def build_policy(cfg: ControlConfig, info: SpaceInfo, training: bool = True) -> 
         if not cfg.ortho_init:
             raise UserError(f"ortho_init=false is for MLP policies; {cfg.env_id!r} has image observations, whose Nature "
                             "CNN is always orthogonally initialised (CleanRL): use --ortho-init true")
-        changed = [name for name, same in (
-            ("hidden_sizes", parse_hidden_sizes(cfg.hidden_sizes) == parse_hidden_sizes(MLP_DEFAULTS["hidden_sizes"])),
-            ("activation", cfg.activation == MLP_DEFAULTS["activation"])) if not same]
-        if changed and training:  # the Nature CNN's layers are fixed: such an option would do nothing
-            name, value = changed[0], getattr(cfg, changed[0])
-            raise UserError(f"{name}={value!r} is for MLP policies; {cfg.env_id!r} has image observations, whose Nature "
-                            f"CNN has fixed layers: leave --{name.replace('_', '-')} at {MLP_DEFAULTS[name]!r}")
+        if training:  # the Nature CNN's layers are fixed: an MLP option changed from its default would do nothing
+            for name, changed in (
+                    ("hidden_sizes", parse_hidden_sizes(cfg.hidden_sizes) != parse_hidden_sizes(MLP_DEFAULTS["hidden_sizes"])),
+                    ("activation", cfg.activation != MLP_DEFAULTS["activation"])):
+                if changed:
+                    raise UserError(f"{name}={getattr(cfg, name)!r} is for MLP policies; {cfg.env_id!r} has image "
+                                    f"observations, whose Nature CNN has fixed layers: leave --{name.replace('_', '-')} "
+                                    f"at {MLP_DEFAULTS[name]!r}")
         return CNNActorCritic(info.obs_shape, info.dist, channels_last=image_layout(info.obs_shape) == "hwc",
                               init_log_std=cfg.init_log_std, bf16=cfg.bf16)
     if cfg.bf16:
