@@ -156,13 +156,14 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def run(env: str, seed: int, steps: int, eval_every: int, profile: str | None = None, breakdown: bool = False,
-        grad_backend: str = "auto", eval_episodes: int | None = None, overrides: dict | None = None) -> dict:
+        grad_backend: str = "auto", eval_episodes: int | None = None, overrides: dict | None = None,
+        threads: int = 1) -> dict:
     timers = _install_breakdown() if breakdown else None
     env_id = ENV_IDS[env]
     cfg = from_dict(ControlConfig, {  # from_dict: the --set-json values are type-checked like a config.yaml's
         **PRESETS[env_id], "seed": seed, "total_steps": steps, "eval_every": eval_every,
         "eval_episodes": eval_episodes or EVAL_EPISODES[env],
-        "checkpoint_every": 0, "tensorboard": False, "threads": 1, "grad_backend": grad_backend,
+        "checkpoint_every": 0, "tensorboard": False, "threads": threads, "grad_backend": grad_backend,
         **(overrides or {}),
     }, source="--set-json")
     tmp = Path(tempfile.mkdtemp(prefix=f"proxrl_bench_{env}_"))
@@ -241,8 +242,9 @@ def main() -> None:
     p.add_argument("--breakdown", action="store_true", help="time the stages of the loop (rollout, update, ...)")
     p.add_argument("--grad-backend", choices=("auto", "numpy", "autograd"), default="auto",
                    help="ControlConfig.grad_backend (auto = numpy for these MLP policies)")
+    p.add_argument("--threads", type=int, default=1, help="ControlConfig.threads (torch threads; default 1)")
     a = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     import_seconds = time.perf_counter() - T_START
     overrides = json.loads(a.set_json) if a.set_json else {}
     if not isinstance(overrides, dict):
@@ -250,8 +252,9 @@ def main() -> None:
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ControlConfig)})
     if unknown:
         p.error(f"--set-json: {', '.join(unknown)} is not a ControlConfig field")
-    res = run(a.env, a.seed, a.steps, a.eval_every, a.profile, a.breakdown, a.grad_backend, a.eval_episodes, overrides)
-    res.update(side="proxrl", env=a.env, seed=a.seed, grad_backend=a.grad_backend, overrides=overrides,
+    res = run(a.env, a.seed, a.steps, a.eval_every, a.profile, a.breakdown, a.grad_backend, a.eval_episodes, overrides,
+              a.threads)
+    res.update(side="proxrl", env=a.env, seed=a.seed, grad_backend=a.grad_backend, overrides=overrides, threads=a.threads,
                import_seconds=import_seconds,
                process_seconds=time.perf_counter() - T_START)
     Path(a.out).write_text(json.dumps(res))

@@ -31,7 +31,8 @@ The workloads are rl-baselines3-zoo's tuned PPO settings, exactly as the peers' 
   env in ``VecNormalize(training=False, norm_reward=False)`` carrying the training env's observation
   statistics (frozen): the returns are the raw env rewards (``Monitor``).
 
-Both set ``torch.set_num_threads(1)``; the parent sets ``OMP_WAIT_POLICY=PASSIVE`` in the environment.
+Both set ``torch.set_num_threads(--threads)`` (default 1); the parent sets ``OMP_WAIT_POLICY=PASSIVE`` in the
+environment for 1 thread, GNU OpenMP's default spin (``GOMP_SPINCOUNT=300000``) for more.
 
 Usage: ``python benchmarks/_sb3_side.py {cartpole,pendulum,breakout,halfcheetah} SEED STEPS OUT.json
 [--eval-every 5000] [--eval-episodes 10]``
@@ -241,8 +242,9 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--eval-episodes", type=int, default=10, help="halfcheetah: final deterministic evaluation episodes")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     a = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     import_seconds = time.perf_counter() - T_START
     if a.env == "cartpole":
         res = run_cartpole(a.seed, a.steps, a.eval_every)
@@ -252,7 +254,7 @@ def main() -> None:
         res = run_halfcheetah(a.seed, a.steps, a.eval_episodes)
     else:
         res = run_breakout(a.seed, a.steps)
-    res.update(side="sb3", env=a.env, seed=a.seed, import_seconds=import_seconds,
+    res.update(side="sb3", env=a.env, seed=a.seed, threads=a.threads, import_seconds=import_seconds,
                process_seconds=time.perf_counter() - T_START)
     Path(a.out).write_text(json.dumps(res))
 

@@ -31,7 +31,7 @@ Workloads (rl-baselines3-zoo's tuned PPO hyperparameters, identical on both side
   random actions drawn beforehand: the steps/s no PPO on that env can beat.
 
 Each run is its own subprocess (``_sb3_side.py`` / ``_proxrl_control_side.py``) with ``torch.set_num_threads(1)``
-and ``OMP_WAIT_POLICY=PASSIVE``; for seed index i the SB3 run goes first when i is even, proxrl first when odd.
+and ``OMP_WAIT_POLICY=PASSIVE`` (``--threads N``: N torch threads on both sides, OpenMP's default wait); for seed index i the SB3 run goes first when i is even, proxrl first when odd.
 Seeds are 0..n-1 on both sides (the same number seeds different random streams in the two libraries, so only
 medians are compared). The load average is printed at the start and the end: on a shared machine, re-run if
 it was high.
@@ -86,9 +86,17 @@ TARGETS = {
 }
 
 
+THREADS = [1]  # torch threads of every child (--threads)
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env["OMP_NUM_THREADS"] = str(THREADS[0])
+    if THREADS[0] == 1:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:  # GNU OpenMP's default wait (spin ~300k rounds, then sleep): several threads help only if they spin
+        env.pop("OMP_WAIT_POLICY", None)
+        env["GOMP_SPINCOUNT"] = "300000"
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -110,6 +118,7 @@ def _run_child(args: list[str]) -> dict:
 def run_side(side: str, env: str, seed: int, steps: int, grad_backend: str = "auto",
              proxrl_set: dict | None = None) -> dict:
     extra = ["--grad-backend", grad_backend] if side == "proxrl" else []
+    extra += ["--threads", str(THREADS[0])]
     if side == "proxrl" and proxrl_set:
         extra += ["--set-json", json.dumps(proxrl_set)]
     if env == "halfcheetah":
@@ -521,6 +530,9 @@ def main() -> None:
                    help="override a ControlConfig field of the proxrl side, any env (repeatable; VALUE is a YAML "
                         "scalar), e.g. --proxrl-set vector_mode=native")
     p.add_argument("--sides", default="sb3,proxrl", help="comma-separated subset of sb3,proxrl")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of both sides (default 1); more than 1 runs them with GNU OpenMP's default "
+                        "spin-then-sleep wait instead of OMP_WAIT_POLICY=PASSIVE (use only on otherwise idle cores)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 seed each, 20k CartPole / 8k Pendulum / 20k HalfCheetah steps")
     p.add_argument("--json", default=None, help="write all per-run results and the summary to this file")
@@ -534,6 +546,9 @@ def main() -> None:
     if a._envspeed:
         worker_envspeed(a._envspeed[0], int(a._envspeed[1]))
         return
+    if a.threads < 1:
+        p.error(f"--threads={a.threads} must be at least 1")
+    THREADS[0] = a.threads
     steps = dict(QUICK_STEPS if a.quick else STEPS)
     if a.halfcheetah_steps is not None:
         if a.halfcheetah_steps < 1:
@@ -598,10 +613,12 @@ def main() -> None:
         "loadavg_start": os.getloadavg(),
         "quick": a.quick,
         "proxrl_set": proxrl_set,
+        "threads": a.threads,
         "argv": sys.argv[1:],
     }
     print(f"{meta['date']}  cpus={meta['host_cpus']}  torch {meta['torch']}  gymnasium {meta['gymnasium']}  "
-          f"SB3 {meta['stable_baselines3']}  load average at start {meta['loadavg_start'][0]:.2f}", flush=True)
+          f"SB3 {meta['stable_baselines3']}  torch threads per side {a.threads}  load average at start "
+          f"{meta['loadavg_start'][0]:.2f}", flush=True)
     results: dict = {"meta": meta}
     if a.env in ("cartpole", "all"):
         with tempfile.TemporaryDirectory() as tmp:

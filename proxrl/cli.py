@@ -24,9 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere
-
-from proxrl import config as C  # noqa: E402
+from proxrl import config as C  # noqa: E402  (proxrl/__init__.py sets OMP_WAIT_POLICY before torch loads)
 from proxrl.errors import UserError  # noqa: E402
 
 

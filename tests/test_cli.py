@@ -143,3 +143,25 @@ def test_help_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("argv,extra_env,policy", [
+    (["/venv/bin/proxrl", "train", "HalfCheetah-v5", "--threads", "2"], {}, None),  # OpenMP's default wait
+    (["proxrl", "train", "HalfCheetah-v5", "--threads=4"], {}, None),
+    (["proxrl", "train", "HalfCheetah-v5", "--threads", "1"], {}, "PASSIVE"),
+    (["proxrl", "train", "HalfCheetah-v5"], {}, "PASSIVE"),
+    (["proxrl", "train", "HalfCheetah-v5", "--threads"], {}, "PASSIVE"),  # argparse will name the missing value
+    (["proxrl", "ppo", "--threads", "2"], {}, "PASSIVE"),  # the LM trainers keep passive threads
+    (["script.py", "train", "--threads", "2"], {}, "PASSIVE"),  # not the proxrl command
+    (["proxrl", "train", "CartPole-v1"], {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # the user's own wins
+    (["proxrl", "train", "CartPole-v1"], {"GOMP_SPINCOUNT": "1000"}, None),  # a tuned spin is left alone
+])
+def test_openmp_wait_policy_set_at_import(argv, extra_env, policy):
+    """Importing proxrl sets OMP_WAIT_POLICY=PASSIVE before torch loads, except for `proxrl train --threads N>1`
+    (several torch threads help only if they spin between ops) or where the user chose how OpenMP waits."""
+    env = {k: v for k, v in ENV.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    code = (f"import os, sys; sys.argv = {argv!r}; import proxrl; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **extra_env}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(policy), "False"]

@@ -112,7 +112,9 @@ def test_fast_gradients_with_large_products_match_autograd(dtype):
     cfg = ControlConfig(**PRESETS["HalfCheetah-v5"])
     policy, flat, batch = _setup(False, (256, 256), "relu", dtype=dtype, m=64, obs_dim=17, n_act=6)
     ref_grad, ref_stats = _grad(TorchPPOGradient(policy, flat, cfg, clip_coef=0.1), flat, batch)
-    np_grad, np_stats = _grad(NumpyPPOGradient(policy, cfg, clip_coef=0.1), flat, batch, as_numpy=True)
+    fast = NumpyPPOGradient(policy, cfg, clip_coef=0.1)
+    assert fast.pair is not None and 64 >= fast.pair.min_batch  # the batched (PairedMLP) path runs below
+    np_grad, np_stats = _grad(fast, flat, batch, as_numpy=True)
     assert np_grad.dtype == dtype and ref_grad.abs().max() > 1e-3
     if dtype == torch.float64:
         torch.testing.assert_close(np_grad, ref_grad, rtol=1e-10, atol=1e-12)
@@ -120,6 +122,57 @@ def test_fast_gradients_with_large_products_match_autograd(dtype):
     else:
         torch.testing.assert_close(np_grad, ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
         np.testing.assert_allclose(np_stats, ref_stats, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("hidden", [(5, 5), (6, 4, 4), (4, 3, 3, 7)])
+def test_paired_mlp_equals_the_two_numpy_mlps(activation, hidden):
+    """PairedMLP (both networks' hidden-to-hidden layers as one torch.bmm, elementwise ops over both at once)
+    gives the outputs and gradients of running the actor and critic NumpyMLP one after the other (float64)."""
+    from proxrl.control.mlp_grad import PairedMLP
+
+    policy, flat, (obs, *_rest) = _setup(True, hidden, activation, m=11, obs_dim=3, n_act=2)  # no log_std slot
+    actor, critic = NumpyMLP(policy.actor), NumpyMLP(policy.critic)
+    pair = PairedMLP.build(actor, critic)
+    assert pair is not None and pair.min_batch >= 1
+    x = obs.numpy()
+    rng = np.random.default_rng(1)
+    g_actor, g_critic = rng.standard_normal((11, 2)), rng.standard_normal((11, 1))
+    ref_out, ref_value = actor.forward(x).copy(), critic.forward(x).copy()
+    actor.backward(g_actor)
+    critic.backward(g_critic)
+    ref_grad = flat.grad.clone()
+    flat.grad.fill_(float("nan"))  # every slot must be written again
+    out, value = pair.forward(x)
+    pair.backward(g_actor, g_critic)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(flat.grad, ref_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_paired_mlp_only_where_the_two_networks_line_up():
+    """No pair (None) for one hidden layer, different hidden sizes or activations, or a critic stored before the
+    actor; min_batch keeps CartPole's 64x64 products in numpy and puts HalfCheetah's 256x256 in torch.bmm."""
+    from proxrl.control.mlp_grad import TORCH_MM_MACS, PairedMLP
+
+    def pair_of(actor_hidden, critic_hidden, act_a="tanh", act_c="tanh"):
+        a = ActorCritic(3, 2, True, actor_hidden, act_a)
+        a.critic = ActorCritic(3, 1, True, critic_hidden, act_c).actor
+        flatten_parameters(a)
+        return PairedMLP.build(NumpyMLP(a.actor), NumpyMLP(a.critic))
+
+    assert pair_of((8, 8), (8, 8)) is not None
+    assert pair_of((8,), (8,)) is None  # no hidden-to-hidden layer to batch
+    assert pair_of((8, 8), (8, 6)) is None and pair_of((8, 8), (6, 8)) is None
+    assert pair_of((8, 8), (8, 8), "tanh", "relu") is None
+    policy = ActorCritic(3, 2, True, (8, 8), "tanh")
+    flatten_parameters(policy)
+    assert PairedMLP.build(NumpyMLP(policy.critic), NumpyMLP(policy.actor)) is None  # second before first in memory
+    for hidden, obs_dim, batch, paired in (((64, 64), 4, 256, False), ((256, 256), 17, 64, True)):
+        policy = ActorCritic(obs_dim, 2, False, hidden, "tanh")
+        flatten_parameters(policy)
+        pair = PairedMLP.build(NumpyMLP(policy.actor), NumpyMLP(policy.critic))
+        assert (batch >= pair.min_batch) == paired == (batch * hidden[0] * hidden[1] >= TORCH_MM_MACS)
 
 
 @pytest.mark.parametrize("discrete,hidden,activation", [(True, "64,64", "tanh"), (False, "64", "relu"),

@@ -37,7 +37,7 @@ import numpy as np
 from torch import nn
 
 from proxrl.control.config import ControlConfig
-from proxrl.control.mlp_grad import NumpyMLP, mlp_activation
+from proxrl.control.mlp_grad import NumpyMLP, PairedMLP, mlp_activation
 from proxrl.control.policy import ActorCritic
 
 __all__ = ["NumpyPPOGradient", "STAT_NAMES", "numpy_unsupported"]
@@ -85,6 +85,7 @@ class NumpyPPOGradient:
             raise ValueError(f"NumpyPPOGradient cannot run this policy: {reason}")
         self.actor = NumpyMLP(policy.actor)
         self.critic = NumpyMLP(policy.critic)
+        self.pair = PairedMLP.build(self.actor, self.critic)  # both at once where their hidden layers are large
         self.discrete = policy.discrete
         if not self.discrete:
             self.log_std = policy.log_std.detach().numpy()
@@ -106,8 +107,13 @@ class NumpyPPOGradient:
     ) -> np.ndarray:
         m = obs.shape[0]
         eps = self.clip_coef
-        out_t = self.actor.forward(obs).T  # (n | d, M): one contiguous row per logit / mean coordinate
-        values = self.critic.forward(obs)[:, 0]
+        pair = self.pair if self.pair is not None and m >= self.pair.min_batch else None
+        if pair is not None:
+            out, value_out = pair.forward(obs)
+            out_t, values = out.T, value_out[:, 0]
+        else:
+            out_t = self.actor.forward(obs).T  # (n | d, M): one contiguous row per logit / mean coordinate
+            values = self.critic.forward(obs)[:, 0]
 
         # log pi(a|s) and entropy of the policy head
         if self.discrete:
@@ -132,7 +138,8 @@ class NumpyPPOGradient:
         log_ratio = logp - old_logprobs
         ratio = np.exp(log_ratio)
         unclipped = ratio * adv
-        clipped = np.clip(ratio, 1.0 - eps, 1.0 + eps) * adv
+        clipped = np.minimum(np.maximum(ratio, 1.0 - eps), 1.0 + eps)  # clip(r, 1-eps, 1+eps), minus np.clip's overhead
+        clipped *= adv
         surrogate = np.minimum(unclipped, clipped)
         # w + (1 - w) [1-eps <= r <= 1+eps] is exactly [unclipped <= clipped]: in the clip range the two terms
         # are equal (w = 1/2, indicator 1: weight 1); outside it they differ unless A = 0 (then the gradient is
@@ -148,7 +155,7 @@ class NumpyPPOGradient:
         else:
             c = self.value_clip_coef
             delta = values - old_values
-            diff_clipped = old_values + np.clip(delta, -c, c) - returns
+            diff_clipped = old_values + np.minimum(np.maximum(delta, -c), c) - returns
             sq, sq_clipped = diff * diff, diff_clipped * diff_clipped
             per_entry = np.maximum(sq, sq_clipped)
             u = _min_weight(sq_clipped, sq)  # weight of the unclipped term in the max
@@ -167,8 +174,11 @@ class NumpyPPOGradient:
             if self.entropy_coef > 0:
                 g_log_std -= self.entropy_coef
             self.log_std_grad[...] = g_log_std
-        self.actor.backward(g_out_t.T)
-        self.critic.backward(g_values[:, None])
+        if pair is not None:
+            pair.backward(g_out_t.T, g_values[:, None])
+        else:
+            self.actor.backward(g_out_t.T)
+            self.critic.backward(g_values[:, None])
 
         return np.array([
             -surrogate.sum() / m,

@@ -172,8 +172,9 @@ def train(
     dist = D.init_distributed(device)
     D.configure_device(device)
     # numpy's BLAS runs the update's small matmuls; its worker threads spin like OpenMP's, which made the
-    # update much slower on a busy 2-core machine. One thread per process is fastest for these sizes.
-    with threadpool_limits(limits=max(1, cfg.threads), user_api="blas"), \
+    # update much slower on a busy 2-core machine. One thread is fastest for these sizes, also with --threads 2
+    # (torch's threads then run the large products and Adam: HalfCheetah 9.2 s vs 9.7 s with 2 BLAS threads).
+    with threadpool_limits(limits=1, user_api="blas"), \
             (rd.lock() if dist.is_main else contextlib.nullcontext()):
         return _train(cfg, rd, resume, progress, env_fn, device, dist)
 
