@@ -122,8 +122,9 @@ def _install_breakdown() -> _Timers:
     if ppo_grad is not None:
         timers.wrap(getattr(ppo_grad, "NumpyPPOGradient", None), "__call__", "update.loss_and_grad")
     if mlp_grad is not None:
-        timers.wrap(getattr(mlp_grad, "NumpyMLP", None), "forward", "update.forward")
-        timers.wrap(getattr(mlp_grad, "NumpyMLP", None), "backward", "update.backward")
+        for cls_name in ("NumpyMLP", "PairedMLP"):  # PairedMLP: both MLPs at once (large hidden layers)
+            timers.wrap(getattr(mlp_grad, cls_name, None), "forward", "update.forward")
+            timers.wrap(getattr(mlp_grad, cls_name, None), "backward", "update.backward")
     # autograd backend (nn forward, loss.backward()), if used
     timers.wrap(policy.ActorCritic, "evaluate", "update.forward")
     timers.wrap(torch.Tensor, "backward", "update.backward")

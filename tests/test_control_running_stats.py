@@ -59,3 +59,24 @@ def test_obs_normalizer_and_reward_scaler_use_the_statistics():
     # discounted returns 1.0 then 1.5; the second reward is divided by the std of the returns seen so far
     assert r2[0] == pytest.approx(1.0 / np.sqrt(scaler.rms.var + 1e-8)) and r1[0] > 0
     assert scaler.returns[0] == 0.0  # episode ended: the discounted return restarts
+
+
+def test_one_env_reward_scaler_equals_the_array_path_bit_for_bit():
+    """RewardScaler's one-env path (Python floats) gives the bits of its numpy path (``_scale``): scaled rewards,
+    returns and statistics, over steps with episode ends, reset (invalid) steps, clipping at both ends, and NaN."""
+    rng = np.random.default_rng(0)
+    fast, ref = RewardScaler(1, 0.98, True, clip=2.0), RewardScaler(1, 0.98, True, clip=2.0)
+    clipped = set()
+    for t in range(400):
+        r = rng.standard_normal() * (30.0 if t % 37 == 0 else 1.0)  # large rewards clip at +-2
+        step = (np.array([r]), np.array([rng.random() < 0.05]), np.array([rng.random() > 0.03]))
+        got, want = fast(*step), ref._scale(*step)
+        clipped.update(float(v) for v in want if abs(v) == 2.0)
+        assert got.dtype == want.dtype == np.float64 and got.shape == (1,)
+        assert got.tobytes() == want.tobytes(), t
+        assert fast.returns.tobytes() == ref.returns.tobytes() and fast.rms.count == ref.rms.count
+        assert np.asarray(fast.rms.mean).tobytes() == np.asarray(ref.rms.mean).tobytes()
+        assert np.asarray(fast.rms.var).tobytes() == np.asarray(ref.rms.var).tobytes()
+    assert clipped == {-2.0, 2.0}  # both clip bounds were exercised
+    nan_step = (np.array([np.nan]), np.array([False]), np.array([True]))
+    assert np.isnan(fast(*nan_step)[0]) and np.isnan(ref._scale(*nan_step)[0])

@@ -183,6 +183,8 @@ class NumpyPolicy:
         self.discrete = policy.discrete
         if not self.discrete:
             self.log_std = policy.log_std.detach().numpy().copy()
+            self._std = np.exp(self.log_std)  # per-step constants of act(), computed once per NumpyPolicy
+            self._logp_offset = (self.log_std + _HALF_LOG_2PI).sum()
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(out, value)``: actor output ``(N, n_out)`` and value ``(N,)``."""
@@ -225,6 +227,6 @@ class NumpyPolicy:
             return action, logp_all[action, np.arange(n)], value
         if noise is None:
             noise = rng.standard_normal(out.shape, dtype=np.float32)
-        action = out + np.exp(self.log_std) * noise
-        logp = (-0.5 * noise * noise).sum(axis=1) - (self.log_std + _HALF_LOG_2PI).sum()
+        action = out + self._std * noise
+        logp = (-0.5 * noise * noise).sum(axis=1) - self._logp_offset
         return action, logp, value

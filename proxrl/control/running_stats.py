@@ -11,6 +11,8 @@ checkpoints (float64 tensors, bit-exact).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -109,10 +111,37 @@ class RewardScaler:
         """
         if not self.enabled:
             return reward
+        if reward.shape[0] == 1:
+            return self._scale_one(float(reward[0]), bool(done[0]), bool(valid[0]))
+        return self._scale(reward, done, valid)
+
+    def _scale(self, reward: np.ndarray, done: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """:meth:`__call__` for any number of envs (numpy)."""
         self.returns = self.returns * self.gamma + reward
         self.rms.update(self.returns if valid.all() else self.returns[valid])
         self.returns[done] = 0.0
         return np.minimum(np.maximum(reward / np.sqrt(self.rms.var + self.eps), -self.clip), self.clip)
+
+    def _scale_one(self, reward: float, done: bool, valid: bool) -> np.ndarray:
+        """:meth:`__call__` for one env (HalfCheetah's preset: one call per env step): the same float64
+        operations in the same order on Python floats, so the same bits as :meth:`_scale`, in ~1/8 of the time of
+        its 15 numpy calls on length-1 arrays (``tests/test_control_running_stats.py`` checks the bits)."""
+        ret = float(self.returns[0]) * self.gamma + reward
+        rms = self.rms
+        if valid:  # RunningMeanStd.update of one row, written out
+            mean, var, count = float(rms.mean), float(rms.var), rms.count
+            delta = ret - mean
+            total = count + 1
+            rms.mean = np.asarray(mean + delta * (1 / total))
+            rms.var = np.asarray((var * count + delta * delta * (count / total)) / total)
+            rms.count = total
+        self.returns[0] = 0.0 if done else ret
+        scaled = reward / math.sqrt(float(rms.var) + self.eps)
+        if not scaled >= -self.clip:  # (NaN stays NaN, as with np.maximum)
+            scaled = scaled if math.isnan(scaled) else -self.clip
+        elif scaled > self.clip:
+            scaled = self.clip
+        return np.array([scaled])
 
     def reset_returns(self) -> None:
         self.returns[:] = 0.0
