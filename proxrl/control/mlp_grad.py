@@ -34,6 +34,8 @@ numpy's OpenBLAS on this machine class, while numpy stays faster on the small pr
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -53,6 +55,14 @@ def _matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.n
         return torch.mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(n: int, dtype: np.dtype) -> np.ndarray:
+    """A read-only ``(n,)`` array of ones (the batch-sum vector; one per size and dtype, not one per step)."""
+    ones = np.ones(n, dtype)
+    ones.flags.writeable = False
+    return ones
 
 
 def mlp_activation(seq: nn.Module) -> str:
@@ -134,7 +144,7 @@ class NumpyMLP:
             g = g_t.T * self.weights[last]  # (~4x faster than a matmul with an inner dimension of 1; same numbers)
         else:
             g = g_t.T @ self.weights[last]  # dL/dh_{L-1} (N, d_{L-1})
-        ones = np.ones(g.shape[0], g.dtype)  # batch sums as matrix-vector products (faster than sum(axis=0))
+        ones = _ones(g.shape[0], g.dtype)  # batch sums as matrix-vector products (faster than sum(axis=0))
         for l in range(last - 1, -1, -1):
             h = self._hidden[l + 1]  # h_l = f(z_l)
             if self.relu:
@@ -255,7 +265,7 @@ class PairedMLP:
                 np.multiply(g_t.T, net.weights[last], out=g[k])
             else:
                 np.matmul(g_t.T, net.weights[last], out=g[k])
-        ones = np.ones(g.shape[1], g.dtype)
+        ones = _ones(g.shape[1], g.dtype)
         x = self._hidden[0]
         for l in range(last - 1, -1, -1):
             h = self._hidden[l + 1]

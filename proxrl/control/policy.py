@@ -143,9 +143,8 @@ class NumpyPolicy:
     the width (first layers stacked, later layers block-diagonal: the zero blocks add exact zeros) halves
     the number of numpy calls again. Layers wider than ``FUSE_MAX_WIDTH`` (HalfCheetah's 256) are not fused
     after the first: a block-diagonal matrix would double the weights read per step, which costs more than
-    the calls it saves. The fused weights are a *copy* of the current parameters: build a new
-    ``NumpyPolicy`` after each update (:meth:`Collector.collect <proxrl.control.rollout.Collector.collect>`
-    does). Log-probabilities and values agree with :meth:`ActorCritic.act` up to float32 rounding.
+    the calls it saves. The fused weights are a *copy* of the parameters: call :meth:`refresh` after each
+    update (:meth:`Collector.collect <proxrl.control.rollout.Collector.collect>` does). Log-probabilities and values agree with :meth:`ActorCritic.act` up to float32 rounding.
     Sampling uses a numpy ``Generator``: categorical by inverse CDF (``a = #{k : u > cdf_k}``), Gaussian as
     ``mu + sigma * eps``. ValueError for a policy whose MLPs have a layer other than Linear/Tanh/ReLU.
     """
@@ -164,26 +163,53 @@ class NumpyPolicy:
             m.out_features for m in actor[:-1] + critic[:-1]) > FUSE_MAX_WIDTH else None
         self.actor_layers: list[tuple[np.ndarray, np.ndarray]] = []
         self.critic_layers: list[tuple[np.ndarray, np.ndarray]] = []
+        self._copies: list[tuple[np.ndarray, np.ndarray]] = []  # (block of a fused array, parameter view) for refresh
+        place = lambda dest, src: self._copies.append((dest, src))  # noqa: E731
         for i, (a, c) in enumerate(zip(actor, critic)):
             wa, wc = a.weight.detach().numpy(), c.weight.detach().numpy()
+            ba, bc = a.bias.detach().numpy(), c.bias.detach().numpy()
             if i > 0 and self.split_at is not None:
-                self.actor_layers.append((np.ascontiguousarray(wa.T), a.bias.detach().numpy().copy()))
-                self.critic_layers.append((np.ascontiguousarray(wc.T), c.bias.detach().numpy().copy()))
+                for layers, w, b in ((self.actor_layers, wa, ba), (self.critic_layers, wc, bc)):
+                    wt, bt = np.empty(w.shape[::-1], w.dtype), np.empty_like(b)
+                    place(wt, w.T)
+                    place(bt, b)
+                    layers.append((wt, bt))
                 continue
+            (oa, ia), (oc, ic) = wa.shape, wc.shape
             if i == 0:  # both read the observation
-                w = np.concatenate([wa, wc], axis=0)
+                wt = np.empty((ia, oa + oc), wa.dtype)
+                place(wt[:, :oa], wa.T)
+                place(wt[:, oa:], wc.T)
             else:  # block-diagonal: actor units feed actor units, critic units critic units
-                w = np.zeros((wa.shape[0] + wc.shape[0], wa.shape[1] + wc.shape[1]), wa.dtype)
-                w[: wa.shape[0], : wa.shape[1]] = wa
-                w[wa.shape[0]:, wa.shape[1]:] = wc
-            b = np.concatenate([a.bias.detach().numpy(), c.bias.detach().numpy()])
-            self.layers.append((np.ascontiguousarray(w.T), b))
+                wt = np.zeros((ia + ic, oa + oc), wa.dtype)
+                place(wt[:ia, :oa], wa.T)
+                place(wt[ia:, oa:], wc.T)
+            b = np.empty(oa + oc, ba.dtype)
+            place(b[:oa], ba)
+            place(b[oa:], bc)
+            self.layers.append((wt, b))
         self.n_out = actor[-1].out_features  # fused output: [actor output (n_out), value (1)]
         self._act = (lambda h: np.maximum(h, 0.0)) if relu else np.tanh
         self.discrete = policy.discrete
         if not self.discrete:
-            self.log_std = policy.log_std.detach().numpy().copy()
-            self._std = np.exp(self.log_std)  # per-step constants of act(), computed once per NumpyPolicy
+            log_std = policy.log_std.detach().numpy()
+            self.log_std = np.empty_like(log_std)
+            place(self.log_std, log_std)
+        self._storage = tuple(p.data_ptr() for p in policy.parameters())
+        self.refresh()
+
+    def reads(self, policy: nn.Module) -> bool:
+        """Whether :meth:`refresh` reads ``policy``'s current parameters (they still live where they did when this
+        was built from it)."""
+        return self._storage == tuple(p.data_ptr() for p in policy.parameters())
+
+    def refresh(self) -> None:
+        """Copy the policy's current parameters into the fused arrays (after an update; cheaper than a new
+        ``NumpyPolicy``, and the same numbers)."""
+        for dest, src in self._copies:
+            np.copyto(dest, src)
+        if not self.discrete:
+            self._std = np.exp(self.log_std)  # per-step constants of act(), computed once per refresh
             self._logp_offset = (self.log_std + _HALF_LOG_2PI).sum()
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

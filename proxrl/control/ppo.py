@@ -197,7 +197,7 @@ def ppo_update(
     rank = D.dist_info().rank if world > 1 else 0
     normalize_here = cfg.normalize_advantages and world > 1
     if backend == "numpy":
-        loss_and_grad = NumpyPPOGradient(policy, cfg, clip_coef)
+        loss_and_grad = NumpyPPOGradient.for_policy(policy, cfg, clip_coef)
         loss_and_grad.normalize_advantages = cfg.normalize_advantages and not normalize_here
         batch = tuple(t.numpy() for t in batch)
     elif backend == "autograd":
@@ -209,6 +209,10 @@ def ppo_update(
         raise ValueError(f"backend={backend!r}; use one of {BACKENDS}")
     grad = flat_param.grad
     n_splits = min(cfg.num_minibatches, n_real)
+    if n_splits <= 1 and world == 1 and cfg.normalize_advantages and n_real:
+        # one minibatch: the whole batch in every epoch, so its advantages are normalised once (the same numbers)
+        batch = (*batch[:4], _normalized(batch[4]), batch[5])
+        loss_and_grad.normalize_advantages = False
 
     # 2. Epochs of minibatch SGD on the clipped surrogate.
     sums = np.zeros(len(STAT_NAMES))
@@ -235,7 +239,8 @@ def ppo_update(
                 idx = idx.numpy() if backend == "numpy" else idx.to(device)
             # loss = policy_loss - entropy_coef * entropy + value_coef * value_loss; gradient into flat_param.grad
             if world == 1:
-                stats = loss_and_grad(*(t[idx] for t in epoch_batch))
+                stats = loss_and_grad(*(epoch_batch if isinstance(idx, slice) and idx == slice(None)
+                                        else (t[idx] for t in epoch_batch)))
             else:
                 stats = _shared_minibatch_step(loss_and_grad, batch, idx, grad, world, rank, normalize_here)
             if not math.isfinite(stats.sum()):  # one sum for the common case; check_finite names the term

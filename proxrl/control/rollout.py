@@ -163,6 +163,7 @@ class Collector:
     ) -> None:
         self.venv = venv
         self.env_id = env_id
+        self._fast: NumpyPolicy | None = None  # the numpy twin of the policy, refreshed per rollout
         self.info = info
         self.T = rollout_steps
         self.N = n = venv.num_envs
@@ -241,6 +242,15 @@ class Collector:
         self.reward_scaler.reset_returns()
         self._fresh = True
 
+    def _numpy_policy(self, policy: ActorCritic) -> NumpyPolicy:
+        """``policy`` as a :class:`NumpyPolicy` with its current weights: the one built for it before, refreshed."""
+        fast = self._fast
+        if fast is None or not fast.reads(policy):
+            fast = self._fast = NumpyPolicy(policy)
+        else:
+            fast.refresh()
+        return fast
+
     def collect(self, policy: nn.Module) -> Rollout:
         """Run ``T`` vector steps with ``policy`` (sampling noise from ``self.rng``) and return this process's
         rollout (:func:`gather_rollout` makes it the job's)."""
@@ -248,7 +258,7 @@ class Collector:
             self.obs[0].copy_(self.obs[self.T])
         self._fresh = False
         dist = self.info.dist
-        fast = NumpyPolicy(policy) if uses_numpy_rollout(policy, self.device) else None
+        fast = self._numpy_policy(policy) if uses_numpy_rollout(policy, self.device) else None
         device = self.device
         log_std = None if dist.discrete else policy.log_std
         venv, scaler, rng = self.venv, self.reward_scaler, self.rng
