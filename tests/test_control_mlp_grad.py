@@ -350,3 +350,48 @@ def test_non_finite_loss_stops_the_update_before_any_step(backend):
             ppo_update(policy, FlatAdam(flat, lr=1e-3), flat, rollout, cfg, 0.2, torch.Generator(), backend=backend,
                        where="update 7 (env step 448)")
     assert torch.equal(flat.detach(), before)
+
+
+def test_numpy_gradient_is_reused_only_while_its_views_hold():
+    """for_policy hands back the object built before (reconfigured) while the layers and parameter memory are the
+    same, and a new one after a layer swap or a new flat parameter; gradients always match a fresh build."""
+    policy, flat, batch = _setup(True, (64, 64), "tanh")
+    cfg = ControlConfig(**PRESETS["CartPole-v1"])
+    first = NumpyPPOGradient.for_policy(policy, cfg, clip_coef=0.2)
+    again = NumpyPPOGradient.for_policy(policy, ControlConfig(**{**PRESETS["CartPole-v1"], "value_coef": 0.7}),
+                                        clip_coef=0.1)
+    assert again is first and (again.clip_coef, again.value_coef) == (0.1, 0.7)
+    got, _ = _grad(again, flat, batch, as_numpy=True)
+    ref, _ = _grad(NumpyPPOGradient(policy, ControlConfig(**{**PRESETS["CartPole-v1"], "value_coef": 0.7}), 0.1),
+                   flat, batch, as_numpy=True)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+    policy.actor[1], policy.actor[3] = torch.nn.ReLU(), torch.nn.ReLU()  # same parameters, other activations
+    swapped = NumpyPPOGradient.for_policy(policy, cfg, clip_coef=0.2)
+    assert swapped is not first and swapped.actor.relu
+    flat2 = flatten_parameters(policy)  # new memory for every parameter
+    moved = NumpyPPOGradient.for_policy(policy, cfg, clip_coef=0.2)
+    assert moved is not swapped
+    got, _ = _grad(moved, flat2, batch, as_numpy=True)
+    ref, _ = _grad(NumpyPPOGradient(policy, cfg, 0.2), flat2, batch, as_numpy=True)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("discrete,hidden", [(True, (64, 64)), (False, (64, 64)), (False, (256, 256)), (True, ())])
+def test_numpy_policy_refresh_equals_a_new_build(discrete, hidden):
+    """After the weights change, refresh() gives exactly what a newly built NumpyPolicy gives (fused and split
+    layouts, Gaussian std included)."""
+    policy, flat, (obs, *_rest) = _setup(discrete, hidden, "tanh", dtype=torch.float32)
+    fast = NumpyPolicy(policy)
+    before = fast.act(obs.numpy(), noise=np.full(obs.shape[0] if discrete else (obs.shape[0], 3), 0.3, np.float32))
+    with torch.no_grad():
+        flat.add_(0.05 * torch.randn_like(flat))
+    noise = np.full(obs.shape[0] if discrete else (obs.shape[0], 3), 0.3, np.float32)
+    assert fast.reads(policy)
+    fast.refresh()
+    got, ref = fast.act(obs.numpy(), noise=noise), NumpyPolicy(policy).act(obs.numpy(), noise=noise)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+    assert not np.array_equal(before[2], got[2])  # the values did move
+    flatten_parameters(policy)
+    assert not fast.reads(policy)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["NumpyMLP", "PairedMLP", "mlp_activation"]
+__all__ = ["NumpyMLP", "PairedMLP", "mlp_activation", "storage_key"]
 
 _ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu"}
 TORCH_MM_MACS = 1 << 21  # products of at least this many multiply-adds run in torch.mm (see the module docstring)
@@ -55,6 +55,14 @@ def _matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.n
         return torch.mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
     return out
+
+
+def storage_key(policy: nn.Module) -> tuple:
+    """What numpy views of an actor-critic's MLPs depend on: the layer objects of ``policy.actor`` and
+    ``policy.critic`` and where every parameter and gradient lives. Views built from ``policy`` stay valid
+    exactly while this compares equal (a replaced layer, ``flatten_parameters`` again or a new ``.grad`` change it)."""
+    return (tuple(policy.actor), tuple(policy.critic),
+            tuple(t.data_ptr() if t is not None else 0 for p in policy.parameters() for t in (p, p.grad)))
 
 
 @functools.lru_cache(maxsize=16)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from proxrl.control.mlp_grad import mlp_activation
+from proxrl.control.mlp_grad import mlp_activation, storage_key
 
 __all__ = ["ActorCritic", "NumpyPolicy", "build_mlp"]
 
@@ -195,13 +195,13 @@ class NumpyPolicy:
             log_std = policy.log_std.detach().numpy()
             self.log_std = np.empty_like(log_std)
             place(self.log_std, log_std)
-        self._storage = tuple(p.data_ptr() for p in policy.parameters())
+        self._storage = storage_key(policy)
         self.refresh()
 
     def reads(self, policy: nn.Module) -> bool:
-        """Whether :meth:`refresh` reads ``policy``'s current parameters (they still live where they did when this
-        was built from it)."""
-        return self._storage == tuple(p.data_ptr() for p in policy.parameters())
+        """Whether :meth:`refresh` reads ``policy``'s current parameters (same layers and parameter memory as when
+        this was built from it: :func:`~proxrl.control.mlp_grad.storage_key`)."""
+        return self._storage == storage_key(policy)
 
     def refresh(self) -> None:
         """Copy the policy's current parameters into the fused arrays (after an update; cheaper than a new
