@@ -16,7 +16,7 @@ NEXT_STEP reset steps (``rollout.valid == False``) are not transitions of the MD
 batch before the epochs, so each epoch splits the ``B' <= num_envs * rollout_steps`` real transitions into
 ``min(num_minibatches, B')`` near-equal random minibatches (sizes differ by at most one) and no loss needs
 a mask. With ``num_minibatches == 1`` the minibatch is the whole batch, unshuffled (every loss term is a
-mean, so the order is irrelevant).
+mean, so the order is irrelevant), and its advantages are normalised once for all epochs (the same numbers).
 
 :func:`ppo_loss` (built from :mod:`proxrl.core`) is the specification of the minibatch loss. Two gradient
 backends compute it (``ControlConfig.grad_backend``, resolved by :func:`resolve_grad_backend`):
