@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import json
 import math
 import os
@@ -347,8 +348,15 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Destroy the process group if there is one (call once at the end of a successful run)."""
+    """Destroy the process group if there is one (call once at the end of a successful run, on every process).
+
+    The processes first meet at a barrier, so none tears its connections down while another still uses them,
+    and unreachable objects that may still hold the group (a DDP reducer in a reference cycle) are collected, so
+    the group is destroyed here rather than during interpreter shutdown, where gloo can abort the process.
+    """
     if _initialized():
+        gc.collect()
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -221,6 +221,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     _train(ddp, x[s], y[s])
     save_file({k: v.contiguous() for k, v in D.unwrap_model(ddp).state_dict().items()},
               str(Path(out_dir, f"rank{rank}.safetensors")))
+    del ddp, model  # the DDP reducer holds the process group: drop it first, as a returning trainer does
     D.shutdown()
 
 
@@ -287,6 +288,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         tensors.update({f"sd.{k}": v.contiguous() for k, v in sd.items()})
     save_file(tensors, str(Path(out_dir, f"rank{rank}.safetensors")))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"units": n_units, "sd_keys": len(sd)}))
+    del model, fresh  # the sharded modules hold the process group: drop them first, as a returning trainer does
     D.shutdown()
 
 
