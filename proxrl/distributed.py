@@ -38,7 +38,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -768,6 +770,10 @@ def _one_line(e: BaseException) -> str:
     """The cause of a rank's failure on one line (at most ~400 characters of the exception's message)."""
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
+    if isinstance(e, _StoppedByLauncher):
+        return ("stopped by the launcher (SIGTERM): another rank ended first, or the job was cancelled; if no rank "
+                "reported an error, one was killed (e.g. by the out-of-memory killer) or crashed, and the "
+                "launcher's summary names it")
     if isinstance(e, SystemExit):
         return " ".join(str(e.code).split())
     msg = _SOURCE_PREFIX.sub("", " ".join(str(e).split()))
@@ -812,18 +818,46 @@ def _claim_report() -> bool:
         return True
 
 
+class _StoppedByLauncher(BaseException):
+    """SIGTERM under torchrun, raised by :func:`fail_fast`'s handler so that the rank can say why it ends."""
+
+
+_reporting = False  # set once a rank has started to report its failure (a SIGTERM then ends it at once)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _reporting:  # already on its way out: end now, as the signal would have
+        _end_by_sigterm()
+    raise _StoppedByLauncher()
+
+
+def _end_by_sigterm() -> None:
+    """End this process by SIGTERM's default action (its exit status then reads as the signal, as torchrun expects)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the signal is delivered at once; never fall through
+    os._exit(128 + signal.SIGTERM)
+
+
 def _report_and_exit(e: BaseException, debug: bool) -> None:
+    global _reporting
+    _reporting = True
     info = dist_info()
     code = _exit_code(e)
-    if not info.is_main:
+    stopped = isinstance(e, _StoppedByLauncher)
+    if not info.is_main and not stopped:
         time.sleep(_REPORT_GRACE_S)  # let rank 0 report a failure every rank shares
     first = _claim_report()
     if first:
-        if debug:
+        if debug and not stopped:
             traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
         print(f"error: rank {info.rank}: {_one_line(e)}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    if stopped:
+        _end_by_sigterm()
     if not first and os.environ.get("TORCHELASTIC_RUN_ID"):
         # A consequence of another rank's failure (e.g. its socket closed under our collective): let torchrun,
         # which is already tearing the job down, terminate us, so its summary names the failing rank alone.
@@ -846,12 +880,17 @@ def fail_fast(debug: bool | None = None) -> Iterator[None]:
     once per job: the first rank to report claims it in the process group's store, and a non-main rank waits
     1.5 s first so that a failure every rank shares (bad input) is reported by rank 0. ``SystemExit(0)``
     passes through; ``sys.exit(n)`` with a non-zero int exits with ``n`` without a line (its caller, e.g.
-    argparse, printed the reason); ``sys.exit("text")`` reports ``text``. With one process the context does nothing: exceptions propagate to the caller (the CLI
-    prints them as today).
+    argparse, printed the reason); ``sys.exit("text")`` reports ``text``. Under torchrun, a SIGTERM (torchrun
+    stops every rank once one has ended) is reported the same way, so a rank that was killed without a word
+    (e.g. by the out-of-memory killer) still gets one line from another. With one process the context does
+    nothing: exceptions propagate to the caller (the CLI prints them as today).
     """
     if _env_info().world_size <= 1:
         yield
         return
+    previous = None
+    if os.environ.get("TORCHELASTIC_RUN_ID") and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
     except SystemExit as e:
@@ -864,6 +903,9 @@ def fail_fast(debug: bool | None = None) -> Iterator[None]:
         _report_and_exit(e, _debug_env() if debug is None else debug)
     except BaseException as e:  # noqa: BLE001  every failure must end the job, Ctrl-C included
         _report_and_exit(e, _debug_env() if debug is None else debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_main(fn: Callable[..., T], *args: Any, debug: bool | None = None, **kwargs: Any) -> T:

@@ -215,6 +215,7 @@ def test_resume_with_another_number_of_processes(tmp_path):
 ENV_MODULE = '''
 import os
 import signal
+import time
 
 import gymnasium as gym
 import gymnasium as gym
@@ -236,8 +237,10 @@ class Env(gym.Env):
 
     def step(self, action):
         self.t += 1
+        if os.environ.get("RANK") == "0" and self.t == 40 and self.how == "kill_while_busy":
+            time.sleep(30)  # busy in its own code, not in a collective, when rank 1 dies
         if os.environ.get("RANK") == "1" and self.t == 40:
-            if self.how == "kill":
+            if self.how.startswith("kill"):
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("the simulator lost its state")
         return np.zeros(3, np.float32), 1.0, False, self.t % 50 == 0, {}
@@ -249,6 +252,10 @@ def raising():
 
 def killed():
     return Env("kill")
+
+
+def killed_while_busy():
+    return Env("kill_while_busy")
 '''
 
 
@@ -265,7 +272,25 @@ def test_a_failing_rank_ends_the_job_with_one_line(tmp_path, how):
     assert len(ours) == 1, r.stderr
     if how == "raising":
         assert ours[0].startswith("error: rank 1: env 'rank_envs:raising' raised in step(): RuntimeError"), ours
-    else:  # rank 1 cannot speak; rank 0 loses it in a collective and says so
-        assert ours[0].startswith("error: rank 0: lost contact with another rank"), ours
+    else:  # rank 1 cannot speak; rank 0 loses it in a collective, or torchrun stops rank 0 first: it says so
+        assert ours[0].startswith(("error: rank 0: lost contact with another rank",
+                                   "error: rank 0: stopped by the launcher (SIGTERM)")), ours
     assert "Traceback" not in r.stderr.split(ours[0])[0]  # (torchrun's own summary after it has one)
     assert elapsed < 60, elapsed  # well within PROXRL_DIST_TIMEOUT + start-up
+
+
+def test_a_rank_stopped_by_torchrun_says_why(tmp_path):
+    """Rank 1 is killed while rank 0 is busy in its own code: torchrun stops rank 0 with SIGTERM, and rank 0's
+    one line says so (instead of dying silently), then it ends by that signal."""
+    (tmp_path / "rank_envs.py").write_text(ENV_MODULE)
+    t0 = time.monotonic()
+    r = _proxrl(2, "train", "rank_envs:killed_while_busy", "--run-dir", tmp_path / "run", "--total-steps", "4096",
+                "--num-envs", "2", "--rollout-steps", "32", "--eval-every", "0", "--no-progress",
+                "--tensorboard", "false", extra_path=tmp_path, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error: rank")]
+    assert len(ours) == 1 and ours[0].startswith("error: rank 0: stopped by the launcher (SIGTERM)"), r.stderr
+    assert "Traceback" not in r.stderr.split(ours[0])[0]
+    assert "exitcode  : -15" in r.stderr  # rank 0 still ends by the signal, as torchrun reports it
+    assert elapsed < 25, elapsed  # not the 30 s rank 0 would have slept
