@@ -238,7 +238,7 @@ class Env(gym.Env):
     def step(self, action):
         self.t += 1
         if os.environ.get("RANK") == "0" and self.t == 40 and self.how == "kill_while_busy":
-            time.sleep(30)  # busy in its own code, not in a collective, when rank 1 dies
+            time.sleep(90)  # busy in its own code, not in a collective, when rank 1 dies
         if os.environ.get("RANK") == "1" and self.t == 40:
             if self.how.startswith("kill"):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -293,4 +293,4 @@ def test_a_rank_stopped_by_torchrun_says_why(tmp_path):
     assert len(ours) == 1 and ours[0].startswith("error: rank 0: stopped by the launcher (SIGTERM)"), r.stderr
     assert "Traceback" not in r.stderr.split(ours[0])[0]
     assert "exitcode  : -15" in r.stderr  # rank 0 still ends by the signal, as torchrun reports it
-    assert elapsed < 25, elapsed  # not the 30 s rank 0 would have slept
+    assert elapsed < 60, elapsed  # not the 90 s rank 0 would have slept
