@@ -395,3 +395,13 @@ def test_numpy_policy_refresh_equals_a_new_build(discrete, hidden):
     assert not np.array_equal(before[2], got[2])  # the values did move
     flatten_parameters(policy)
     assert not fast.reads(policy)
+
+
+def test_normalized_advantages_equals_core_normalize():
+    from proxrl.control.ppo_grad import normalized_advantages
+    from proxrl.core import normalize
+
+    adv = torch.randn(37, dtype=torch.float64) * 3 + 1
+    got = normalized_advantages(adv.numpy())
+    np.testing.assert_allclose(got, normalize(adv).numpy(), rtol=1e-12, atol=1e-12)
+    assert abs(got.mean()) < 1e-12 and abs(got.std(ddof=1) - 1) < 1e-6

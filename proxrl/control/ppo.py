@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from proxrl import distributed as D
 from proxrl.control.adam import FlatAdam, clip_coefficient, grad_norm
 from proxrl.control.config import ControlConfig
-from proxrl.control.ppo_grad import STAT_NAMES, NumpyPPOGradient, numpy_unsupported
+from proxrl.control.ppo_grad import STAT_NAMES, NumpyPPOGradient, normalized_advantages, numpy_unsupported
 from proxrl.control.rollout import Rollout
 from proxrl.core import explained_variance, gae, kl_early_stop, normalize, policy_loss, value_loss
 from proxrl.errors import UserError
@@ -275,12 +275,7 @@ def ppo_update(
 
 def _normalized(adv: Tensor | np.ndarray) -> Tensor | np.ndarray:
     """Per-minibatch advantage normalisation as the backends compute it (:func:`proxrl.core.normalize`)."""
-    if isinstance(adv, Tensor):
-        return normalize(adv)
-    m = adv.shape[0]
-    out = adv - adv.sum() / m
-    out /= np.sqrt(out @ out / max(m - 1, 1)) + 1e-8
-    return out
+    return normalize(adv) if isinstance(adv, Tensor) else normalized_advantages(adv)
 
 
 def _shared_minibatch_step(loss_and_grad, batch: Sequence, idx, grad: Tensor, world: int, rank: int,

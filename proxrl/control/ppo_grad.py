@@ -41,7 +41,7 @@ from proxrl.control.config import ControlConfig
 from proxrl.control.mlp_grad import NumpyMLP, PairedMLP, mlp_activation, storage_key
 from proxrl.control.policy import ActorCritic
 
-__all__ = ["NumpyPPOGradient", "STAT_NAMES", "numpy_unsupported"]
+__all__ = ["NumpyPPOGradient", "STAT_NAMES", "normalized_advantages", "numpy_unsupported"]
 
 STAT_NAMES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -65,6 +65,14 @@ def numpy_unsupported(policy: nn.Module) -> str | None:
 
 
 _BY_POLICY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # policy -> its NumpyPPOGradient (for_policy)
+
+
+def normalized_advantages(adv: np.ndarray) -> np.ndarray:
+    """``core.normalize`` in numpy: ``(A - mean) / (unbiased std + 1e-8)`` of ``adv`` ``(M,)``, as a new array."""
+    m = adv.shape[0]
+    out = adv - adv.sum() / m
+    out /= np.sqrt(out @ out / max(m - 1, 1)) + 1e-8
+    return out
 
 
 def _min_weight(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -156,8 +164,7 @@ class NumpyPPOGradient:
         # clipped surrogate (core.policy_loss) and its gradient w.r.t. logp
         adv = advantages
         if self.normalize_advantages:  # core.normalize: (A - mean) / (unbiased std + 1e-8)
-            adv = adv - adv.sum() / m
-            adv /= np.sqrt(adv @ adv / max(m - 1, 1)) + 1e-8
+            adv = normalized_advantages(adv)
         log_ratio = logp - old_logprobs
         ratio = np.exp(log_ratio)
         unclipped = ratio * adv
